@@ -1,0 +1,130 @@
+"""The adapter protocol: what vlmtune needs to know about one model family.
+
+An adapter is data plus a few small functions, not a subclass tree. Each family file builds one or more
+:class:`Adapter` instances and registers them by ``model_type`` in ``vlmtune/adapters/__init__.py``.
+
+The data path calls an adapter in this order for one conversation:
+
+1. ``process_images(processor, images, options)`` → :class:`ImageBatch` (pixel tensors + per-image token
+   counts), using the family's own image processor wherever transformers has one;
+2. ``expand_image(processor, images, index)`` → the text that replaces the ``image_placeholder`` the chat
+   template wrote for image ``index``;
+3. after padding, ``batch_extras(batch, images, processor, config)`` → the family's extra batch keys
+   (``token_type_ids``, M-RoPE ``position_ids``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TOWERS = ("vision", "projector", "language")
+KINDS = ("attention", "mlp")
+
+
+@dataclass
+class ImageBatch:
+    """The processed images of one sample (or, after :meth:`cat`, of one batch).
+
+    Attributes:
+        tensors: model inputs for the images, e.g. ``pixel_values`` and ``image_grid_thw``; tensors whose first
+            dimension runs over images or patches so that samples concatenate along dim 0.
+        infos: one dict per image with what the placeholder expansion needs (grid, number of crops, ...).
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    infos: list[dict[str, Any]] = field(default_factory=list)
+
+    @staticmethod
+    def cat(parts: list[ImageBatch]) -> ImageBatch:
+        """Concatenate the images of several samples in order (samples without images contribute nothing)."""
+        parts = [p for p in parts if p.infos]
+        if not parts:
+            return ImageBatch()
+        keys = parts[0].tensors.keys()
+        tensors = {k: torch.cat([p.tensors[k] for p in parts], dim=0) for k in keys}
+        return ImageBatch(tensors=tensors, infos=[i for p in parts for i in p.infos])
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Regular expressions (``re.fullmatch`` on module names) of the linears LoRA may wrap, per tower and kind.
+
+    ``(\\d+)`` in a pattern captures the layer index; it is what "last N layers" selects on.
+    """
+
+    vision_attention: str
+    vision_mlp: str
+    language_attention: str
+    language_mlp: str
+    projector: str = ""
+
+    def pattern(self, tower: str, kind: str) -> str:
+        """The pattern for ``tower`` in ``("vision", "language")`` and ``kind`` in ``("attention", "mlp")``."""
+        return getattr(self, f"{tower}_{kind}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Everything vlmtune knows about one model family.
+
+    Attributes:
+        name: family name used in logs and the tiny registry (``"qwen2_5_vl"``).
+        model_types: the ``config.model_type`` values this adapter serves.
+        towers: module-name prefixes per tower: ``{"vision": (...), "projector": (...), "language": (...)}``.
+        lora_targets: where LoRA may go, by tower and kind (see :class:`LoraTargets`).
+        image_placeholder: the string the chat template writes for one image.
+        end_of_turn: the token that closes an assistant turn (supervised with the answer).
+        process_images: ``(processor, images, options) -> ImageBatch``.
+        expand_image: ``(processor, image_batch, index) -> str`` replacing one placeholder.
+        batch_extras: ``(batch, image_batch, processor, model_config) -> dict`` of extra keys for the model.
+        norm_kind / mlp_kind / rope_kind: what the kernels patch in the language tower.
+        image_options: the user-settable image options and their defaults (documented per family).
+        load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    towers: Mapping[str, tuple[str, ...]]
+    lora_targets: LoraTargets
+    image_placeholder: str
+    end_of_turn: str
+    process_images: Callable[..., ImageBatch]
+    expand_image: Callable[..., str]
+    batch_extras: Callable[..., dict[str, torch.Tensor]]
+    norm_kind: str
+    mlp_kind: str
+    rope_kind: str
+    image_options: Mapping[str, Any] = field(default_factory=dict)
+    load_model: Callable[..., Any] | None = None
+
+    def tower_of(self, name: str) -> str | None:
+        """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""
+        # Longest prefix wins: Qwen-VL's projector ``model.visual.merger`` sits inside the vision prefix.
+        best, best_len = None, -1
+        for tower, prefixes in self.towers.items():
+            for prefix in prefixes:
+                if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                    best, best_len = tower, len(prefix)
+        return best
+
+    def lora_module_names(self, module_names: list[str], tower: str, kind: str) -> list[str]:
+        """The names in ``module_names`` that the adapter tags as ``tower`` / ``kind`` LoRA targets."""
+        regex = re.compile(self.lora_targets.pattern(tower, kind))
+        return [n for n in module_names if regex.fullmatch(n) and self.tower_of(n) == tower]
+
+
+def validate_image_options(adapter: Adapter, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge the user's image options over the adapter's defaults; unknown keys raise naming the valid ones."""
+    unknown = sorted(set(options) - set(adapter.image_options))
+    if unknown:
+        raise ValueError(
+            f"unknown image option(s) {unknown} for {adapter.name}; valid: {sorted(adapter.image_options)}"
+        )
+    merged = dict(adapter.image_options)
+    merged.update({k: v for k, v in options.items() if v is not None})
+    return merged

@@ -1,0 +1,86 @@
+"""Gemma-3 family.
+
+Images are resized by the family's image processor to a square (896 px on the released models), normalised
+with mean/std 0.5, and optionally cut into pan-and-scan crops. Each image (and each crop) becomes
+``\\n\\n<start_of_image>`` + ``mm_tokens_per_image`` (256) ``<image_soft_token>`` + ``<end_of_image>\\n\\n``;
+with crops the processor prefixes the original with a fixed sentence. ``token_type_ids`` mark image tokens: the
+model needs them in training for its bidirectional attention inside each image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+
+
+def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
+    """Run Gemma-3's image processor; ``options`` may switch pan-and-scan on and tune its limits."""
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    out = processor.image_processor(images=images, return_tensors="pt", **kwargs)
+    num_crops = out.get("num_crops")
+    crops = [int(c) for c in num_crops] if num_crops is not None else [0] * len(images)
+    return ImageBatch(tensors={"pixel_values": out["pixel_values"]}, infos=[{"num_crops": c} for c in crops])
+
+
+def full_image_sequence(processor) -> str:
+    """One image's (or crop's) tokens: blank lines, boi, the soft tokens, eoi, blank lines."""
+    tok = processor.tokenizer
+    return f"\n\n{tok.boi_token}{tok.image_token * processor.image_seq_length}{tok.eoi_token}\n\n"
+
+
+def expand_image(processor, images: ImageBatch, index: int) -> str:
+    """The template's ``<start_of_image>`` becomes the full sequence, per crop with pan-and-scan."""
+    sequence = full_image_sequence(processor)
+    crops = images.infos[index]["num_crops"]
+    if not crops:
+        return sequence
+    # The wording Gemma3Processor uses when pan-and-scan produced crops (transformers >= 4.50).
+    return (
+        f"Here is the original image {sequence} and here are some crops to help you see better "
+        + " ".join([sequence] * crops)
+    )
+
+
+def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> dict[str, torch.Tensor]:
+    """``token_type_ids``: 1 on image soft tokens, 0 elsewhere."""
+    return {"token_type_ids": (batch["input_ids"] == model_config.image_token_index).long()}
+
+
+_LANGUAGE = r"model\.language_model\.layers\.(\d+)"
+# transformers < 5.x nests SigLIP's encoder one level deeper (vision_tower.vision_model.encoder).
+_VISION = r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)"
+
+GEMMA3 = Adapter(
+    name="gemma3",
+    model_types=("gemma3",),
+    towers={
+        "vision": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector",),
+        "language": ("model.language_model", "lm_head"),
+    },
+    lora_targets=LoraTargets(
+        vision_attention=_VISION + r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+        vision_mlp=_VISION + r"\.mlp\.(fc1|fc2)",
+        language_attention=_LANGUAGE + r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        language_mlp=_LANGUAGE + r"\.mlp\.(gate_proj|up_proj|down_proj)",
+        # The projector is a bare weight matrix (mm_input_projection_weight), not a Linear: no LoRA target.
+        projector="",
+    ),
+    image_placeholder="<start_of_image>",
+    end_of_turn="<end_of_turn>",
+    process_images=process_images,
+    expand_image=expand_image,
+    batch_extras=batch_extras,
+    norm_kind="rms_gemma",
+    mlp_kind="geglu_tanh",
+    rope_kind="standard",
+    image_options={
+        "do_pan_and_scan": None,
+        "pan_and_scan_min_crop_size": None,
+        "pan_and_scan_max_num_crops": None,
+        "pan_and_scan_min_ratio_to_activate": None,
+    },
+)

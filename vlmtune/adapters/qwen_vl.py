@@ -1,0 +1,117 @@
+"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL (and the shared parts of Qwen3-VL).
+
+Images are resized by the family's own image processor to multiples of 28 between ``min_pixels`` and
+``max_pixels`` (aspect ratio capped at 200), cut into flat 14x14x2 patches, and described by
+``image_grid_thw``. Each image becomes ``grid_thw.prod() / 4`` ``<|image_pad|>`` tokens between
+``<|vision_start|>`` and ``<|vision_end|>``. The language tower uses 3-D M-RoPE positions, which this adapter
+computes itself from the padded batch (transformers 5.23 only builds them when ``mm_token_type_ids`` is
+passed, and silently falls back to 1-D positions otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+
+
+def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
+    """Run Qwen's image processor; ``options`` may set ``min_pixels`` / ``max_pixels``."""
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    out = processor.image_processor(images=images, return_tensors="pt", **kwargs)
+    grid = out["image_grid_thw"]
+    infos = [{"grid_thw": tuple(int(x) for x in g)} for g in grid]
+    return ImageBatch(tensors={"pixel_values": out["pixel_values"], "image_grid_thw": grid}, infos=infos)
+
+
+def num_image_tokens(processor, info: dict[str, Any]) -> int:
+    """``grid_t * grid_h * grid_w / merge_size**2`` tokens for one image."""
+    t, h, w = info["grid_thw"]
+    return t * h * w // processor.image_processor.merge_size**2
+
+
+def expand_image(processor, images: ImageBatch, index: int) -> str:
+    """The chat template writes one ``<|image_pad|>``; the model needs one per merged patch."""
+    return processor.image_token * num_image_tokens(processor, images.infos[index])
+
+
+def mrope_position_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    grids: list[tuple[int, int, int]],
+    merge_size: int,
+) -> torch.Tensor:
+    """3-D M-RoPE positions ``(3, B, T)`` for a right-padded batch.
+
+    Text tokens advance all three axes together; an image's tokens take ``start + (t, row, col)`` on the
+    merged grid, and text after it resumes at ``start + max(rows, cols)`` (the Qwen2-VL paper, section 2.1,
+    and transformers' ``get_rope_index``). Pad positions get 0.
+    """
+    batch, length = input_ids.shape
+    positions = torch.zeros(3, batch, length, dtype=torch.long)
+    grid_iter = iter(grids)
+    for b in range(batch):
+        ids = input_ids[b, attention_mask[b].bool()].tolist()
+        pos = torch.empty(3, len(ids), dtype=torch.long)
+        i, current = 0, 0
+        while i < len(ids):
+            if ids[i] != image_token_id:
+                pos[:, i] = current
+                current += 1
+                i += 1
+                continue
+            t, h, w = next(grid_iter)
+            h, w = h // merge_size, w // merge_size
+            n = t * h * w
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pos[:, i : i + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + current
+            current += max(t, h, w)
+            i += n
+        positions[:, b, : len(ids)] = pos
+    return positions
+
+
+def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> dict[str, torch.Tensor]:
+    """``mm_token_type_ids`` (1 on image tokens) and explicit M-RoPE ``position_ids``."""
+    image_token_id = model_config.image_token_id
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    extras = {"mm_token_type_ids": (input_ids == image_token_id).long()}
+    grids = [info["grid_thw"] for info in images.infos]
+    merge = model_config.vision_config.spatial_merge_size
+    extras["position_ids"] = mrope_position_ids(input_ids, attention_mask, image_token_id, grids, merge)
+    return extras
+
+
+_LANGUAGE = r"model\.language_model\.layers\.(\d+)"
+_VISION = r"model\.visual\.blocks\.(\d+)"
+
+QWEN2_5_VL = Adapter(
+    name="qwen2_5_vl",
+    model_types=("qwen2_vl", "qwen2_5_vl"),
+    towers={
+        "vision": ("model.visual",),
+        "projector": ("model.visual.merger",),
+        "language": ("model.language_model", "lm_head"),
+    },
+    lora_targets=LoraTargets(
+        vision_attention=_VISION + r"\.attn\.(qkv|proj)",
+        # Qwen-VL's vision MLP reuses gate_proj/up_proj/down_proj (2.5) or fc1/fc2 (2): the anchored prefix
+        # keeps a language-only choice off them.
+        vision_mlp=_VISION + r"\.mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)",
+        language_attention=_LANGUAGE + r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        language_mlp=_LANGUAGE + r"\.mlp\.(gate_proj|up_proj|down_proj)",
+        projector=r"model\.visual\.merger\.mlp\.(0|2)",
+    ),
+    image_placeholder="<|image_pad|>",
+    end_of_turn="<|im_end|>",
+    process_images=process_images,
+    expand_image=expand_image,
+    batch_extras=batch_extras,
+    norm_kind="rms",
+    mlp_kind="swiglu",
+    rope_kind="mrope",
+    image_options={"min_pixels": None, "max_pixels": None},
+)

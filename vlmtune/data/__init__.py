@@ -1,0 +1,1 @@
+"""Dataset builders and helpers shared by recipes and adapters."""

@@ -1,0 +1,222 @@
+"""From canonical rows to model tensors: chat template, image expansion, labels, padding.
+
+Shared by every family; the adapter supplies image processing, the placeholder expansion and the extra
+batch keys. Labels cover assistant turns only (their text and the end-of-turn token, not the newline the
+template writes after it); prompt, image and pad positions are -100. Labels are placed by character spans: the
+conversation is rendered with the chat template, the span of each assistant turn is found by rendering the
+conversation up to that turn, placeholders are expanded outside those spans, and the expanded text is tokenized
+once with offsets, so ``input_ids`` are exactly what the family's processor produces for the same text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmtune.adapters.base import Adapter, ImageBatch, validate_image_options
+from vlmtune.data.schema import DataError, load_image, validate_row
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+OVERFLOW = ("drop", "error")
+
+
+class SampleTooLong(DataError):
+    """A sample's tokens exceed ``max_length``; images are atoms, so it is never cut."""
+
+
+@dataclass
+class Encoded:
+    """One encoded conversation: token ids, labels and its processed images."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: ImageBatch = field(default_factory=ImageBatch)
+
+
+def render_with_spans(processor, messages: list[dict], index: int) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` with the chat template; return the text and the character spans to supervise.
+
+    The span of assistant turn ``i`` runs from the end of ``render(messages[:i], add_generation_prompt=True)``
+    to the end of ``render(messages[: i + 1])`` minus trailing whitespace. This needs the template to be
+    prefix-stable (rendering more turns only appends), which the supported families' templates are; a template
+    that is not raises rather than mislabel.
+    """
+    if messages[0]["role"] == "assistant":
+        raise DataError(index, "conversation starts with an assistant turn")
+
+    def render(msgs, generation_prompt=False):
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, upto = render(messages[:i], True), render(messages[: i + 1])
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise DataError(index, f"the chat template is not prefix-stable at turn {i}; cannot place labels")
+        spans.append((len(prompt), len(upto.rstrip())))
+    return full, spans
+
+
+def expand_images(
+    text: str, spans: list[tuple[int, int]], placeholder: str, expansions: list[str], index: int
+) -> tuple[str, list[tuple[int, int]]]:
+    """Replace each image placeholder outside the supervised spans with its expansion; shift the spans.
+
+    Placeholders inside assistant text are left alone (a literal tag in an answer is text, not an image).
+    """
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [(text[cursor:start], False), (text[start:end], True)]
+        cursor = end
+    pieces.append((text[cursor:], False))
+    n_tags = sum(p.count(placeholder) for p, supervised in pieces if not supervised)
+    if n_tags != len(expansions):
+        raise DataError(index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)")
+    out, new_spans, next_image = [], [], iter(expansions)
+    length = 0
+    for piece, supervised in pieces:
+        if not supervised:
+            parts = piece.split(placeholder)
+            piece = parts[0] + "".join(next(next_image) + part for part in parts[1:])
+        else:
+            new_spans.append((length, length + len(piece)))
+        out.append(piece)
+        length += len(piece)
+    return "".join(out), new_spans
+
+
+class Collator:
+    """Encode canonical rows for one family and pad them into a batch.
+
+    Args:
+        adapter: the family's adapter (``vlmtune.adapters.detect(model.config)``).
+        processor: the family's processor (tokenizer + image processor + chat template).
+        model_config: the model's config (image token ids, merge size ...).
+        max_length: longest sample in tokens, images included.
+        image_options: family image options (see the adapter's ``image_options``), e.g. ``max_pixels``.
+        train_on: ``"assistant"`` (labels on assistant turns only) or ``"all"`` (every text token).
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        processor,
+        model_config,
+        max_length: int = 2048,
+        image_options: dict[str, Any] | None = None,
+        train_on: str = "assistant",
+    ):
+        if train_on not in ("assistant", "all"):
+            raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.adapter, self.processor, self.model_config = adapter, processor, model_config
+        self.max_length, self.train_on = max_length, train_on
+        self.image_options = validate_image_options(adapter, image_options or {})
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, row: dict[str, Any], index: int) -> Encoded:
+        """Encode one canonical row; raise :class:`DataError` naming ``index`` on bad input or overflow."""
+        validate_row(row, index)
+        images = [load_image(source, index) for source in row.get("images") or []]
+        try:
+            batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
+        except (ValueError, RuntimeError) as err:
+            raise DataError(index, f"the image processor rejected an image ({err})") from err
+        batch = batch or ImageBatch()
+        text, spans = render_with_spans(self.processor, row["messages"], index)
+        expansions = [self.adapter.expand_image(self.processor, batch, i) for i in range(len(images))]
+        text, spans = expand_images(text, spans, self.adapter.image_placeholder, expansions, index)
+        enc = self.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(enc["input_ids"])
+        if len(input_ids) > self.max_length:
+            raise SampleTooLong(index, f"has {len(input_ids)} tokens, more than max_length={self.max_length}")
+        labels = self._labels(input_ids, enc["offset_mapping"], spans, len(text))
+        return Encoded(input_ids=input_ids, labels=labels, images=batch)
+
+    def _labels(self, input_ids, offsets, spans, text_length) -> list[int]:
+        if self.train_on == "all":
+            spans = [(0, text_length)]
+        image_ids = self.image_token_ids()
+        labels = []
+        span_iter, current = iter(spans), None
+        current = next(span_iter, None)
+        for token, (start, _end) in zip(input_ids, offsets, strict=True):
+            while current is not None and start >= current[1]:
+                current = next(span_iter, None)
+            inside = current is not None and current[0] <= start < current[1]
+            labels.append(token if inside and token not in image_ids else IGNORE_INDEX)
+        return labels
+
+    def image_token_ids(self) -> set[int]:
+        """Token ids that stand for image content (never supervised)."""
+        config = self.model_config
+        ids = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
+        return {i for i in ids if i is not None}
+
+    def pad(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of encoded samples and add the family's image tensors and extra keys."""
+        length = max(len(e.input_ids) for e in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for b, e in enumerate(encoded):
+            n = len(e.input_ids)
+            input_ids[b, :n] = torch.tensor(e.input_ids)
+            labels[b, :n] = torch.tensor(e.labels)
+            attention_mask[b, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        images = ImageBatch.cat([e.images for e in encoded])
+        batch.update(images.tensors)
+        batch.update(self.adapter.batch_extras(batch, images, self.processor, self.model_config))
+        return batch
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate dataset items ``{"index": i, "row": canonical_row}`` into a padded batch."""
+        return self.pad([self.encode(item["row"], item["index"]) for item in items])
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """Rows checked once before training: bad rows stop the run (naming the row), over-long ones are handled
+    as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: the run stops naming the row).
+
+    Items are ``{"index": original_row_index, "row": canonical_row}``; images are re-read per batch, so
+    memory holds only the kept indices and lengths.
+    """
+
+    def __init__(self, rows, collator: Collator, overflow: str = "drop"):
+        if overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+        self.rows = rows
+        self.kept: list[int] = []
+        self.lengths: list[int] = []
+        self.skipped: Counter[str] = Counter()
+        for index in range(len(rows)):
+            try:
+                encoded = collator.encode(rows[index], index)
+            except SampleTooLong:
+                if overflow == "error":
+                    raise
+                self.skipped["too long"] += 1
+                continue
+            self.kept.append(index)
+            self.lengths.append(len(encoded.input_ids))
+        if not self.kept:
+            raise DataError("*", f"no usable rows out of {len(rows)} (skipped: {dict(self.skipped)})")
+        logger.info("prepared %d of %d rows; skipped %s", len(self.kept), len(rows), dict(self.skipped) or 0)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.kept[i]
+        return {"index": index, "row": self.rows[index]}

@@ -1,0 +1,97 @@
+"""The canonical conversation row and its validation.
+
+Every data source becomes rows of this shape::
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "..."}]}],
+     "images": [<PIL image | path | bytes | {"bytes": ..., "path": ...}>, ...]}
+
+Images are decoded lazily (:func:`load_image`), so a large dataset does not sit in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A row of the user's data cannot be used; the message names the row and the reason."""
+
+    def __init__(self, row: int | str, reason: str):
+        self.row, self.reason = row, reason
+        super().__init__(f"row {row}: {reason}")
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content (a string, or a list of parts whose text parts are joined)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    """How many ``{"type": "image"}`` parts the conversation holds."""
+    return sum(
+        1
+        for m in messages
+        if not isinstance(m["content"], str)
+        for part in m["content"]
+        if part.get("type") == "image"
+    )
+
+
+def validate_row(row: dict, index: int) -> None:
+    """Check one canonical row's structure; raise :class:`DataError` naming ``index`` on the first problem."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(index, "has no messages")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DataError(index, f"message {turn} has role {message.get('role')!r}; expected one of {ROLES}")
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            raise DataError(index, f"message {turn} content must be a string or a list of parts")
+        if message["role"] == "assistant" and not text_of(content).strip():
+            raise DataError(index, f"assistant turn (message {turn}) is empty")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(index, "has no assistant turn to learn from")
+    images = row.get("images") or []
+    n_tags = count_image_parts(messages)
+    if n_tags != len(images):
+        raise DataError(index, f"has {n_tags} image tag(s) in its messages but {len(images)} image(s)")
+
+
+def load_image(source: Any, index: int) -> Image.Image:
+    """Decode one image to RGB, or raise :class:`DataError` naming the row (missing file, unreadable data)."""
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, dict):
+            if source.get("bytes"):
+                image = Image.open(io.BytesIO(source["bytes"]))
+            elif source.get("path"):
+                return load_image(source["path"], index)
+            else:
+                raise DataError(index, "image entry has neither bytes nor path")
+        elif isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        elif isinstance(source, (str, os.PathLike)):
+            if not os.path.exists(source):
+                raise DataError(index, f"image file {str(source)!r} not found")
+            image = Image.open(source)
+        else:
+            raise DataError(index, f"image of type {type(source).__name__} is not a PIL image, path or bytes")
+        image.load()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(index, f"cannot decode image ({type(err).__name__}: {err})") from err
+    if image.width < 1 or image.height < 1:
+        raise DataError(index, f"image has size {image.width}x{image.height}")
+    return image if image.mode == "RGB" else image.convert("RGB")

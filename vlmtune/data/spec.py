@@ -1,0 +1,187 @@
+"""Data specs: YAML files that say where rows come from and how their columns map to conversations.
+
+A spec (see ``data_specs/latex_ocr.yaml``)::
+
+    name: latex_ocr
+    format: image_text            # image_text: one image column + one answer column; chat: messages + images
+    source:
+      type: parquet               # parquet | jsonl | json | csv | imagefolder | hub
+      path: data/latex_ocr        # a folder (files found by split name) or a file; or `hub: owner/name`
+    columns: {image: image, text: text}
+    instruction: Write the LaTeX representation for this image.
+    system: null                  # optional system prompt
+
+:func:`load_rows` turns a spec and a split into a list-like of canonical rows (``vlmtune.data.schema``), with
+images left encoded until a row is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE_TYPES = ("parquet", "jsonl", "json", "csv", "imagefolder", "hub")
+FORMATS = ("image_text", "chat")
+_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl",), "json": (".json",), "csv": (".csv",)}
+
+
+@dataclass
+class DataSpec:
+    """Where rows come from and how they become conversations.
+
+    Attributes:
+        name: a label for logs.
+        format: ``"image_text"`` (an image column and an answer column, turned into one user turn with the
+            image and ``instruction``, and one assistant turn) or ``"chat"`` (a messages column and an images
+            column already in the canonical shape).
+        source_type: one of :data:`SOURCE_TYPES`.
+        path: local folder or file (``None`` for ``hub``).
+        hub: dataset name on the Hugging Face hub (only when ``source_type == "hub"``; needs network).
+        columns: canonical name → the dataset's column name (``image``/``text`` or ``messages``/``images``).
+        instruction: the user's prompt for ``image_text`` rows.
+        system: optional system prompt prepended to every conversation.
+    """
+
+    name: str = "data"
+    format: str = "image_text"
+    source_type: str = "parquet"
+    path: str | None = None
+    hub: str | None = None
+    columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "text": "text"})
+    instruction: str = "Write the LaTeX representation for this image."
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"spec {self.name!r}: format {self.format!r} is not one of {FORMATS}")
+        if self.source_type not in SOURCE_TYPES:
+            raise ValueError(f"spec {self.name!r}: source type {self.source_type!r} is not one of {SOURCE_TYPES}")
+        if self.source_type == "hub" and not self.hub:
+            raise ValueError(f"spec {self.name!r}: source type 'hub' needs `hub: owner/name`")
+        needed = ("image", "text") if self.format == "image_text" else ("messages", "images")
+        missing = [k for k in needed if k not in self.columns]
+        if missing:
+            raise ValueError(f"spec {self.name!r}: columns must map {list(needed)}; missing {missing}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DataSpec:
+        """Read a spec file; a bare name like ``"latex_ocr"`` looks in the repository's ``data_specs/``."""
+        path = resolve_spec_path(path)
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        source = raw.get("source", {})
+        return cls(
+            name=raw.get("name", Path(path).stem),
+            format=raw.get("format", "image_text"),
+            source_type=source.get("type", "parquet"),
+            path=source.get("path"),
+            hub=source.get("hub"),
+            columns=raw.get("columns", {"image": "image", "text": "text"}),
+            instruction=raw.get("instruction", cls.instruction),
+            system=raw.get("system"),
+        )
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """A spec file path, trying ``data_specs/<name>.yaml`` next to the package for bare names."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    bundled = Path(__file__).resolve().parents[2] / "data_specs" / f"{path}.yaml"
+    if bundled.exists():
+        return bundled
+    raise FileNotFoundError(f"data spec {str(path)!r} not found (also looked for {bundled})")
+
+
+def _data_files(spec: DataSpec, path: Path, split: str) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"spec {spec.name!r}: data path {str(path)!r} does not exist")
+    suffixes = _SUFFIXES[spec.source_type]
+    files = sorted(str(p) for p in path.iterdir() if p.name.startswith(split) and p.suffix in suffixes)
+    if not files:
+        present = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"spec {spec.name!r}: no {spec.source_type} file for split {split!r} in {str(path)!r} "
+            f"(files there: {present})"
+        )
+    return files
+
+
+def _load_dataset(spec: DataSpec, split: str, path: str | Path | None):
+    import datasets
+
+    path = Path(path if path is not None else (spec.path or "."))
+    if spec.source_type == "hub":
+        return datasets.load_dataset(spec.hub, split=split)
+    if spec.source_type == "imagefolder":
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    builder = "json" if spec.source_type in ("jsonl", "json") else spec.source_type
+    files = _data_files(spec, path, split)
+    return datasets.load_dataset(builder, data_files={split: files}, split=split)
+
+
+def check_columns(spec: DataSpec, column_names: Sequence[str]) -> None:
+    """Raise naming the missing column(s) and listing the ones the data has."""
+    missing = [c for c in spec.columns.values() if c not in column_names]
+    if missing:
+        raise ValueError(
+            f"spec {spec.name!r} names column(s) {missing} that the data does not have; "
+            f"available columns: {list(column_names)}"
+        )
+
+
+class Rows(Sequence):
+    """Canonical rows over a ``datasets.Dataset``; images stay encoded (bytes or path) until read."""
+
+    def __init__(self, dataset, spec: DataSpec):
+        import datasets
+
+        check_columns(spec, dataset.column_names)
+        self.spec = spec
+        image_column = spec.columns.get("image") if spec.format == "image_text" else spec.columns["images"]
+        feature = dataset.features.get(image_column)
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.Sequence | list) and isinstance(
+            getattr(feature, "feature", feature[0] if isinstance(feature, list) else None), datasets.Image
+        ):
+            dataset = dataset.cast_column(image_column, [datasets.Image(decode=False)])
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return to_canonical(self.dataset[int(index)], self.spec)
+
+
+def to_canonical(raw: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+    """One dataset record → ``{"messages", "images"}`` according to the spec."""
+    if spec.format == "chat":
+        messages = list(raw[spec.columns["messages"]])
+        images = list(raw[spec.columns["images"]] or [])
+    else:
+        image = raw[spec.columns["image"]]
+        answer = raw[spec.columns["text"]]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec.instruction}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "" if answer is None else str(answer)}]},
+        ]
+        images = [image]
+    if spec.system:
+        messages = [{"role": "system", "content": [{"type": "text", "text": spec.system}]}, *messages]
+    return {"messages": messages, "images": images}
+
+
+def load_rows(spec: DataSpec | str | Path, split: str = "train", path: str | Path | None = None) -> Rows:
+    """Canonical rows of ``split`` for a spec (object, file, or bundled name); ``path`` overrides the spec's."""
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.from_yaml(spec)
+    return Rows(_load_dataset(spec, split, path), spec)

@@ -1,0 +1,93 @@
+"""Save what a run made: LoRA adapter + processor (+ chat template) + the recipe; merge to 16-bit on demand.
+
+The export folder loads with plain ``transformers`` + ``peft``, no vlmtune import::
+
+    base = AutoModelForImageTextToText.from_pretrained(BASE)
+    model = PeftModel.from_pretrained(base, OUT)
+    processor = AutoProcessor.from_pretrained(OUT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "tokenizers")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a run depends on (``None`` where one is missing)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def export(model, processor, out: str | Path, recipe: Any = None, base_model: str | None = None) -> Path:
+    """Write ``adapter_model.safetensors``, ``adapter_config.json``, the processor files and ``vlmtune.json``.
+
+    Args:
+        model: the trained ``PeftModel``.
+        processor: the processor used in training (saved with its chat template).
+        out: export folder (created).
+        recipe: the run's configuration (dataclasses or dicts), recorded in ``vlmtune.json``.
+        base_model: path recorded as the adapter's base model (defaults to the one the model was loaded from).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if base_model is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = str(base_model)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    record = {"recipe": _jsonable(recipe), "versions": package_versions()}
+    (out / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    logger.info("exported adapter and processor to %s", out)
+    return out
+
+
+def load_exported(out: str | Path, base_model: str | Path | None = None, dtype: torch.dtype | None = None):
+    """Load an export with plain transformers + peft: ``(model, processor)``."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base_model = base_model or PeftConfig.from_pretrained(out).base_model_name_or_path
+    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype or "auto")
+    return PeftModel.from_pretrained(base, out), AutoProcessor.from_pretrained(out)
+
+
+def merge(out: str | Path, merged: str | Path, base_model: str | Path | None = None, dtype=torch.bfloat16) -> Path:
+    """Merge an exported adapter into its base in 16-bit and save a full checkpoint (+ processor) to ``merged``.
+
+    The base is reloaded unquantised (merging into 4-bit weights would round the update away).
+    """
+    model, processor = load_exported(out, base_model, dtype=dtype)
+    full = model.merge_and_unload()
+    full.save_pretrained(merged, safe_serialization=True)
+    processor.save_pretrained(merged)
+    logger.info("merged %s into a %s checkpoint at %s", out, dtype, merged)
+    return Path(merged)

@@ -1,0 +1,99 @@
+"""Load a local checkpoint as model + processor + adapter, in 16-bit or quantised.
+
+    model, processor, adapter = vlmtune.load("path/to/checkpoint", quant="nf4")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vlmtune.adapters import Adapter, detect
+
+logger = logging.getLogger(__name__)
+
+QUANTS = ("none", "nf4", "int8")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype(dtype: str = "auto") -> torch.dtype:
+    """``"auto"``: bf16 on a CUDA device that has it, fp16 on one that does not, fp32 on the CPU."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(adapter: Adapter, quant: str, dtype: torch.dtype):
+    """The bitsandbytes config that quantises the language tower's linears only.
+
+    The vision tower, projector and ``lm_head`` stay in the compute dtype: they are a small share of the weights,
+    and quantising them costs accuracy (SigLIP / ViT features) for little memory.
+    """
+    from transformers import BitsAndBytesConfig
+
+    keep = [*adapter.towers["vision"], *adapter.towers["projector"], "lm_head"]
+    if quant == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=keep,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+
+
+def _is_prequantized(path: Path) -> bool:
+    config = path / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+def load(
+    path: str | Path,
+    quant: str = "none",
+    dtype: str = "auto",
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load a checkpoint folder for fine-tuning.
+
+    Args:
+        path: local checkpoint folder (config, weights, processor files).
+        quant: ``"none"`` (weights in ``dtype``), ``"nf4"`` (QLoRA: 4-bit NF4 with double quantisation on the
+            language tower's linears) or ``"int8"``. A pre-quantised checkpoint (its config has a
+            ``quantization_config``) loads as it is, whatever ``quant`` says.
+        dtype: compute dtype, ``"auto"`` (see :func:`compute_dtype`), ``"bfloat16"``, ``"float16"`` or
+            ``"float32"``.
+        device: ``"cuda"``, ``"cpu"`` ...; default CUDA when present.
+        attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+
+    Returns:
+        ``(model, processor, adapter)``.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    config = AutoConfig.from_pretrained(path)
+    adapter = detect(config)
+    torch_dtype = compute_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "device_map": device}
+    if quant != "none" and not _is_prequantized(path):
+        kwargs["quantization_config"] = quantization_config(adapter, quant, torch_dtype)
+    loader = adapter.load_model or AutoModelForImageTextToText.from_pretrained
+    model = loader(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    logger.info("loaded %s (%s, %s, quant=%s) on %s", path, adapter.name, torch_dtype, quant, device)
+    return model, processor, adapter

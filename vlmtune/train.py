@@ -1,0 +1,167 @@
+"""The shared trainer: transformers' ``Trainer`` with vlmtune's collator, seed, logging and checkpoints.
+
+    result = train(model, processor, adapter, train_rows, TrainConfig(output_dir="out", max_steps=100))
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmtune.adapters import Adapter
+from vlmtune.data.collator import Collator, PreparedDataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one run.
+
+    Attributes:
+        output_dir: where checkpoints go (``<output_dir>/checkpoints``) and the export is written.
+        max_steps: optimiser steps (overrides ``epochs`` when > 0).
+        epochs: passes over the data when ``max_steps`` is 0.
+        batch_size: samples per device step.
+        grad_accum: gradient accumulation steps.
+        lr: peak learning rate (LoRA usually 1e-4 to 2e-4).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of steps with linear warm-up.
+        scheduler: transformers scheduler name (``"linear"``, ``"cosine"``, ``"constant"`` ...).
+        max_grad_norm: gradient clipping.
+        max_length: longest sample in tokens, images included.
+        overflow: what to do with a sample longer than ``max_length``: ``"drop"`` (skip and count) or
+            ``"error"`` (stop naming the row). Images are never cut.
+        train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
+        image_options: family image options (``max_pixels``, ``do_pan_and_scan`` ...).
+        logging_steps: log the loss every N steps.
+        save_steps: checkpoint every N steps (0: no intermediate checkpoints).
+        seed: seed of weights init for LoRA, data order and dropout.
+        optim: optimizer name for transformers (``"adamw_torch"``; ``"adamw_torch_fused"`` on CUDA).
+        dataloader_workers: DataLoader worker processes (images decode in them).
+        report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
+        resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
+    """
+
+    output_dir: str = "out"
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    overflow: str = "drop"
+    train_on: str = "assistant"
+    image_options: dict[str, Any] = field(default_factory=dict)
+    logging_steps: int = 10
+    save_steps: int = 0
+    seed: int = 0
+    optim: str = "adamw_torch"
+    dataloader_workers: int = 0
+    report_to: str = "none"
+    resume_from_checkpoint: str | bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("set max_steps > 0 or epochs > 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the trained model, per-step losses and the data summary."""
+
+    model: Any
+    losses: list[float]
+    kept_rows: int
+    skipped_rows: dict[str, int]
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype):
+    from transformers import TrainingArguments
+
+    on_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=f"{config.output_dir}/checkpoints",
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        # transformers 5 reads a float below 1 as a share of the steps (warmup_ratio is gone).
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.scheduler,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        seed=config.seed,
+        data_seed=config.seed,
+        optim=config.optim,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        dataloader_num_workers=config.dataloader_workers,
+        remove_unused_columns=False,
+        report_to=config.report_to,
+        disable_tqdm=False,
+        # gradient checkpointing is set up by vlmtune.tuning (non-reentrant); don't let Trainer redo it.
+        gradient_checkpointing=False,
+    )
+
+
+def _loss_recorder(losses: list[float]):
+    from transformers import TrainerCallback
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return LossRecorder()
+
+
+def train(model, processor, adapter: Adapter, rows, config: TrainConfig) -> TrainResult:
+    """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
+
+    Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
+    a message naming it before any step runs.
+    """
+    from transformers import Trainer, set_seed
+
+    set_seed(config.seed)
+    collator = Collator(
+        adapter,
+        processor,
+        model.config,
+        max_length=config.max_length,
+        image_options=config.image_options,
+        train_on=config.train_on,
+    )
+    dataset = PreparedDataset(rows, collator, overflow=config.overflow)
+    losses: list[float] = []
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, dtype),
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[_loss_recorder(losses)],
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    return TrainResult(
+        model=model, losses=losses, kept_rows=len(dataset), skipped_rows=dict(dataset.skipped)
+    )
