@@ -138,9 +138,12 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         bias="none",
     )
     if not targets:
-        # PEFT needs at least one target; an empty regex matches nothing and keeps the config honest.
-        lora.target_modules = r"^$"
+        raise ValueError(
+            "no tower is set to 'lora', so there is no adapter to export; set vision or language to 'lora' "
+            "(a 'full'-only run is plain full fine-tuning, which vlmtune does not export as an adapter)"
+        )
     peft_model = get_peft_model(model, lora)
+    _freeze_nested_frozen_towers(peft_model, adapter, config)
     freeze_vision_forward(peft_model, adapter, config)
     logger.info(
         "LoRA on %d modules, %d modules trained in full; trainable parameters: %d",
@@ -149,6 +152,29 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
     )
     return peft_model
+
+
+def original_name(name: str) -> str:
+    """A PEFT parameter name mapped back to the base model's (wrappers and adapter names removed)."""
+    name = name.removeprefix("base_model.model.")
+    for wrapper in (".modules_to_save.default", ".original_module", ".base_layer"):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _freeze_nested_frozen_towers(model: torch.nn.Module, adapter: Adapter, config: TuningConfig) -> None:
+    # modules_to_save copies a whole module: Qwen-VL's "full" vision tower carries its (nested) projector along.
+    # A tower the user set to "frozen" stays frozen inside such a copy; the user's own modules_to_save win.
+    extras = tuple(config.modules_to_save)
+    for name, param in model.named_parameters():
+        if not param.requires_grad or ".lora_" in name:
+            continue
+        base_name = original_name(name)
+        if any(base_name == e or base_name.startswith(e + ".") or f".{e}." in f".{base_name}" for e in extras):
+            continue
+        tower = adapter.tower_of(base_name)
+        if tower is not None and getattr(config, tower) == "frozen":
+            param.requires_grad_(False)
 
 
 def _no_grad_forward(forward):

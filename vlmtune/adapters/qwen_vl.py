@@ -19,7 +19,15 @@ from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
 
 def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
     """Run Qwen's image processor; ``options`` may set ``min_pixels`` / ``max_pixels``."""
-    kwargs = {k: v for k, v in options.items() if v is not None}
+    kwargs = {}
+    if options.get("min_pixels") is not None or options.get("max_pixels") is not None:
+        # transformers 5 reads the pixel range from `size` (passing min/max_pixels is deprecated).
+        size = dict(processor.image_processor.size)
+        if options.get("min_pixels") is not None:
+            size["shortest_edge"] = options["min_pixels"]
+        if options.get("max_pixels") is not None:
+            size["longest_edge"] = options["max_pixels"]
+        kwargs["size"] = size
     out = processor.image_processor(images=images, return_tensors="pt", **kwargs)
     grid = out["image_grid_thw"]
     infos = [{"grid_thw": tuple(int(x) for x in g)} for g in grid]
@@ -63,7 +71,10 @@ def mrope_position_ids(
                 current += 1
                 i += 1
                 continue
-            t, h, w = next(grid_iter)
+            grid = next(grid_iter, None)
+            if grid is None:
+                raise ValueError(f"sample {b} has more image-token runs than the batch has image grids")
+            t, h, w = grid
             h, w = h // merge_size, w // merge_size
             n = t * h * w
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")

@@ -79,7 +79,9 @@ def expand_images(
     pieces.append((text[cursor:], False))
     n_tags = sum(p.count(placeholder) for p, supervised in pieces if not supervised)
     if n_tags != len(expansions):
-        raise DataError(index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)")
+        raise DataError(
+            index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)"
+        )
     out, new_spans, next_image = [], [], iter(expansions)
     length = 0
     for piece, supervised in pieces:
@@ -129,7 +131,9 @@ class Collator:
         validate_row(row, index)
         images = [load_image(source, index) for source in row.get("images") or []]
         try:
-            batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
+            batch = (
+                self.adapter.process_images(self.processor, images, self.image_options) if images else None
+            )
         except (ValueError, RuntimeError) as err:
             raise DataError(index, f"the image processor rejected an image ({err})") from err
         batch = batch or ImageBatch()
@@ -140,6 +144,18 @@ class Collator:
         input_ids = list(enc["input_ids"])
         if len(input_ids) > self.max_length:
             raise SampleTooLong(index, f"has {len(input_ids)} tokens, more than max_length={self.max_length}")
+        image_ids = self.image_token_ids()
+        expected = sum(
+            e.count(t) for e in expansions for t in self.processor.tokenizer.convert_ids_to_tokens(image_ids)
+        )
+        found = sum(input_ids.count(i) for i in image_ids)
+        if found != expected:
+            # A literal image tag in the text would add image tokens with no image behind them.
+            raise DataError(
+                index,
+                f"holds {found} image tokens where its {len(images)} image(s) need {expected} "
+                "(is an image tag written literally in the text?)",
+            )
         labels = self._labels(input_ids, enc["offset_mapping"], spans, len(text))
         return Encoded(input_ids=input_ids, labels=labels, images=batch)
 
@@ -157,11 +173,11 @@ class Collator:
             labels.append(token if inside and token not in image_ids else IGNORE_INDEX)
         return labels
 
-    def image_token_ids(self) -> set[int]:
+    def image_token_ids(self) -> list[int]:
         """Token ids that stand for image content (never supervised)."""
         config = self.model_config
         ids = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
-        return {i for i in ids if i is not None}
+        return sorted(i for i in ids if i is not None)
 
     def pad(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad a list of encoded samples and add the family's image tensors and extra keys."""

@@ -32,7 +32,9 @@ def text_of(content: Any) -> str:
     """The text of a message's content (a string, or a list of parts whose text parts are joined)."""
     if isinstance(content, str):
         return content
-    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return "".join(
+        part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
+    )
 
 
 def count_image_parts(messages: list[dict]) -> int:
@@ -52,16 +54,24 @@ def validate_row(row: dict, index: int) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(index, "has no messages")
     for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict):
+            raise DataError(index, f"message {turn} must be a dict with role and content, got {message!r:.60}")
+        if message.get("role") not in ROLES:
             raise DataError(index, f"message {turn} has role {message.get('role')!r}; expected one of {ROLES}")
         content = message.get("content")
         if not isinstance(content, (str, list)):
             raise DataError(index, f"message {turn} content must be a string or a list of parts")
+        if isinstance(content, list):
+            for k, part in enumerate(content):
+                if not isinstance(part, dict) or "type" not in part:
+                    raise DataError(index, f"message {turn} part {k} must be a dict with a 'type', got {part!r:.60}")
         if message["role"] == "assistant" and not text_of(content).strip():
             raise DataError(index, f"assistant turn (message {turn}) is empty")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(index, "has no assistant turn to learn from")
     images = row.get("images") or []
+    if not isinstance(images, (list, tuple)):
+        raise DataError(index, f"images must be a list (one entry per image tag), got {type(images).__name__}")
     n_tags = count_image_parts(messages)
     if n_tags != len(images):
         raise DataError(index, f"has {n_tags} image tag(s) in its messages but {len(images)} image(s)")

@@ -138,9 +138,10 @@ def check_columns(spec: DataSpec, column_names: Sequence[str]) -> None:
 class Rows(Sequence):
     """Canonical rows over a ``datasets.Dataset``; images stay encoded (bytes or path) until read."""
 
-    def __init__(self, dataset, spec: DataSpec):
+    def __init__(self, dataset, spec: DataSpec, base_dir: str | Path | None = None):
         import datasets
 
+        self.base_dir = Path(base_dir) if base_dir is not None else None
         check_columns(spec, dataset.column_names)
         self.spec = spec
         image_column = spec.columns.get("image") if spec.format == "image_text" else spec.columns["images"]
@@ -159,14 +160,21 @@ class Rows(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return to_canonical(self.dataset[int(index)], self.spec)
+        return to_canonical(self.dataset[int(index)], self.spec, self.base_dir)
 
 
-def to_canonical(raw: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+def _resolve(image: Any, base_dir: Path | None) -> Any:
+    # Relative image paths in jsonl/csv rows are relative to the data folder, not the working directory.
+    if isinstance(image, str) and base_dir is not None and not Path(image).is_absolute():
+        return str(base_dir / image)
+    return image
+
+
+def to_canonical(raw: dict[str, Any], spec: DataSpec, base_dir: Path | None = None) -> dict[str, Any]:
     """One dataset record → ``{"messages", "images"}`` according to the spec."""
     if spec.format == "chat":
         messages = list(raw[spec.columns["messages"]])
-        images = list(raw[spec.columns["images"]] or [])
+        images = [_resolve(i, base_dir) for i in raw[spec.columns["images"]] or []]
     else:
         image = raw[spec.columns["image"]]
         answer = raw[spec.columns["text"]]
@@ -184,4 +192,5 @@ def load_rows(spec: DataSpec | str | Path, split: str = "train", path: str | Pat
     """Canonical rows of ``split`` for a spec (object, file, or bundled name); ``path`` overrides the spec's."""
     if not isinstance(spec, DataSpec):
         spec = DataSpec.from_yaml(spec)
-    return Rows(_load_dataset(spec, split, path), spec)
+    base = Path(path if path is not None else (spec.path or "."))
+    return Rows(_load_dataset(spec, split, path), spec, base_dir=base if base.is_dir() else base.parent)

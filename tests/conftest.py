@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny checkpoints of every family, built once per test session (offline, a few seconds)."""
+
+import pytest
+
+from vlmtune.tiny import build
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """Folder of the tiny Qwen2.5-VL checkpoint (2 text layers, 2 vision blocks, 56-224 px images)."""
+    return build("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory):
+    """Folder of the tiny Gemma-3 checkpoint (2 text layers, 2 SigLIP layers, 64 px, 16 soft tokens)."""
+    return build("gemma3", tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+def tiny_paths(request):
+    """Each tiny checkpoint folder in turn, for tests that hold for every family."""
+    return request.getfixturevalue({"qwen2_5_vl": "tiny_qwen", "gemma3": "tiny_gemma"}[request.param])

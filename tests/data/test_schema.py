@@ -1,0 +1,177 @@
+"""The canonical row: structural validation and lazy, RGB-normalising image decoding."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from vlmtune.data.schema import DataError, count_image_parts, load_image, text_of, validate_row
+
+
+def turn(role, text, n_images=0):
+    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# --- validate_row -----------------------------------------------------------------------------------------
+
+
+def test_valid_rows_pass():
+    validate_row({"messages": [turn("user", "q", 1), turn("assistant", "a")], "images": ["x.png"]}, 0)
+    validate_row({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, 0)
+    system = {"role": "system", "content": "Be brief."}
+    validate_row({"messages": [system, turn("user", "q", 2), turn("assistant", "a")], "images": [1, 2]}, 0)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({}, "row 4: has no messages"),
+        ({"messages": []}, "row 4: has no messages"),
+        ({"messages": "hi"}, "row 4: has no messages"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "row 4: message 0 has role 'bot'; expected one of"),
+        (
+            {"messages": [turn("user", "q"), {"role": "assistant", "content": 3}]},
+            "row 4: message 1 content must",
+        ),
+        (
+            {"messages": [turn("user", "q"), turn("assistant", " \t")]},
+            r"row 4: assistant turn \(message 1\) is empty",
+        ),
+        (
+            {
+                "messages": [turn("user", "q"), {"role": "assistant", "content": [{"type": "image"}]}],
+                "images": [0],
+            },
+            r"row 4: assistant turn \(message 1\) is empty",
+        ),
+        ({"messages": [turn("user", "q")]}, "row 4: has no assistant turn to learn from"),
+        (
+            {"messages": [turn("user", "q"), turn("assistant", "a")], "images": ["x.png"]},
+            r"row 4: has 0 image tag\(s\) in its messages but 1 image\(s\)",
+        ),
+        (
+            {"messages": [turn("user", "q", 1), turn("assistant", "a")]},
+            r"row 4: has 1 image tag\(s\) in its messages but 0 image\(s\)",
+        ),
+        (
+            {"messages": [turn("user", "q", 1), turn("assistant", "a")], "images": None},
+            r"row 4: has 1 image tag\(s\) in its messages but 0 image\(s\)",
+        ),
+        (
+            {"messages": [turn("user", "q", 2), turn("assistant", "a")], "images": ["x.png"]},
+            r"row 4: has 2 image tag\(s\) in its messages but 1 image\(s\)",
+        ),
+    ],
+)
+def test_invalid_rows_name_the_row(row, message):
+    with pytest.raises(DataError, match="^" + message) as info:
+        validate_row(row, 4)
+    assert info.value.row == 4
+
+
+def test_text_of_and_count_image_parts():
+    assert text_of("plain") == "plain"
+    assert text_of([{"type": "image"}, {"type": "text", "text": "a"}, {"type": "text", "text": None}]) == "a"
+    messages = [turn("user", "q", 2), {"role": "assistant", "content": "a"}, turn("user", "r", 1)]
+    assert count_image_parts(messages) == 3
+
+
+# --- load_image -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "pixel"),
+    [
+        (Image.new("L", (3, 2), 77), (77, 77, 77)),
+        (Image.new("RGBA", (3, 2), (10, 20, 30, 128)), (10, 20, 30)),
+        (Image.new("P", (3, 2), 1), None),
+        (Image.new("1", (3, 2), 1), (255, 255, 255)),
+        (Image.new("RGB", (3, 2), (1, 2, 3)), (1, 2, 3)),
+    ],
+    ids=["grayscale", "rgba", "palette", "bilevel", "rgb"],
+)
+def test_modes_become_rgb_from_every_source(tmp_path, image, pixel):
+    if image.mode == "P":
+        image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+        pixel = (200, 100, 50)
+    data = encoded(image)
+    path = tmp_path / "img.png"
+    path.write_bytes(data)
+    sources = [
+        image,
+        data,
+        bytearray(data),
+        str(path),
+        path,
+        {"bytes": data, "path": None},
+        {"path": str(path)},
+    ]
+    for source in sources:
+        out = load_image(source, 0)
+        assert out.mode == "RGB" and out.size == (3, 2), type(source)
+        assert out.getpixel((2, 1)) == pixel, type(source)
+
+
+def test_missing_path_names_the_row(tmp_path):
+    with pytest.raises(DataError, match=r"^row 12: image file '.*absent\.png' not found"):
+        load_image(str(tmp_path / "absent.png"), 12)
+    with pytest.raises(DataError, match=r"^row 12: image file '.*absent\.png' not found"):
+        load_image({"bytes": None, "path": str(tmp_path / "absent.png")}, 12)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"definitely not an image",
+        encoded(Image.new("RGB", (16, 16)))[:-30],
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 20,
+    ],
+    ids=["empty", "garbage", "truncated_png", "png_header_only"],
+)
+def test_corrupt_bytes_name_the_row(data, tmp_path):
+    if data == b"":  # empty bytes are "no bytes": the entry has nothing to decode
+        with pytest.raises(DataError, match=r"^row 6: image entry has neither bytes nor path"):
+            load_image({"bytes": data, "path": None}, 6)
+        return
+    with pytest.raises(DataError, match=r"^row 6: cannot decode image"):
+        load_image(data, 6)
+    with pytest.raises(DataError, match=r"^row 6: cannot decode image"):
+        load_image({"bytes": data, "path": None}, 6)
+    path = tmp_path / "bad.png"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=r"^row 6: cannot decode image"):
+        load_image(str(path), 6)
+
+
+def test_unsupported_source_type_names_the_row():
+    with pytest.raises(DataError, match=r"^row 2: image of type int is not a PIL image, path or bytes"):
+        load_image(42, 2)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        ["hello", {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": ["a bare string part"]}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": ["a bare string part"]}],
+    ],
+    ids=["message_is_a_string", "user_part_is_a_string", "assistant_part_is_a_string"],
+)
+def test_malformed_message_structure_names_the_row(messages):
+    with pytest.raises(DataError, match=r"^row 8: "):
+        validate_row({"messages": messages}, 8)
+
+
+def test_images_given_as_a_bare_string_is_not_counted_by_characters():
+    row = {"messages": [turn("user", "q", 1), turn("assistant", "a")], "images": "x.png"}
+    try:
+        validate_row(row, 8)  # accepting it as one image is fine
+    except DataError as err:  # so is refusing it, as long as the reason is right
+        assert str(err).startswith("row 8: ") and "5 image" not in str(err)

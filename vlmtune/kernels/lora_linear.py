@@ -1,0 +1,265 @@
+"""LoRA linear over a frozen base weight, dense or bitsandbytes NF4 (QLoRA), with a Triton NF4 dequantiser.
+
+``y = x @ W^T + bias + (x @ A^T) @ B^T * scale`` with PEFT's layout (A: ``(r, in)``, B: ``(out, r)``).
+
+NF4 layout (bitsandbytes ``quantize_4bit``): the weight is flattened row-major, two 4-bit codes per byte (the
+high nibble first), one absmax per ``blocksize`` (64) consecutive values of the flat weight. With double
+quantisation (``compress_statistics=True``) the absmax values are themselves stored as uint8 codes into
+``state2.code``, scaled by ``state2.absmax`` per 256 absmax values, plus a scalar ``offset``. A value is
+``NF4[code] * absmax``, computed in fp32 and rounded once to ``quant_state.dtype``: what bitsandbytes' CUDA
+kernel does, so the result is bit-identical. (bitsandbytes 0.50's native CPU kernel instead counts blocks
+per row when the row length is not a multiple of 64, disagreeing with its own quantiser; the Python
+fallback and the CUDA kernel use the flat layout this kernel uses. Real projections have rows that are
+multiples of 64, where the three agree.)
+
+Memory: the dequantised weight goes into one cached buffer per ``(shape, dtype, device)`` instead of a
+fresh allocation per layer. That is safe because the buffer is written and read on the same CUDA stream
+within a single call (dequantise, then the base GEMM that consumes it), it is never saved for backward
+(backward dequantises again into the same buffer), and no reference to it escapes ``lora_linear``; the next
+layer's dequantisation is queued behind the GEMM that reads it. It would not be safe to hand the buffer to
+another stream, which nothing here does; :func:`dequantize_nf4` returns a fresh tensor.
+
+The LoRA path runs in the activation dtype (A and B are cast to it, as Unsloth does; PEFT may keep them in
+fp32) and is accumulated into the base output with ``addmm_``. Backward computes dX, dA, dB (and dbias
+when a bias asks for it), never a gradient for the base weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023, appendix E), as bitsandbytes stores them in fp32.
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+_BLOCK_BYTES = 1024
+_LEVELS: dict[torch.device, torch.Tensor] = {}
+_BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset_ptr,
+    levels_ptr,
+    out_ptr,
+    n_bytes,
+    n_out,
+    blocksize,
+    blocksize2,
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    byte_mask = byte < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
+    # Both values of a byte share one absmax block, since the blocksize is even.
+    block = (byte * 2) // blocksize
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=byte_mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // blocksize2, mask=byte_mask, other=0.0)
+        # Rounded after the product and again after the offset, as bitsandbytes does in two torch ops;
+        # the launch disables FMA contraction so the compiler cannot merge them.
+        absmax = tl.load(code2_ptr + q, mask=byte_mask, other=0.0) * scale2 + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=byte_mask, other=0.0)
+    high = tl.load(levels_ptr + (packed >> 4)) * absmax
+    low = tl.load(levels_ptr + (packed & 15)) * absmax
+    out = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
+    idx = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + idx, out, mask=idx < n_out)
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    if device not in _LEVELS:
+        _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return _LEVELS[device]
+
+
+def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"only nf4 is supported, got quant_type={quant_state.quant_type!r}")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks weights for its own CPU GEMM on first use; that layout is not the NF4 one.
+        raise ValueError("this NF4 weight was repacked for bitsandbytes' CPU kernel; quantize it afresh")
+    packed = packed.reshape(-1)
+    if (
+        packed.dtype != torch.uint8
+    ):  # bitsandbytes' quant_storage may be another dtype; the bytes are the same
+        packed = packed.view(torch.uint8)
+    n_bytes = packed.numel()
+    nested = bool(quant_state.nested)
+    absmax = quant_state.absmax
+    state2 = quant_state.state2 if nested else None
+    # Unused pointers when not nested: any valid float tensor will do.
+    absmax2 = state2.absmax if nested else absmax
+    code2 = state2.code if nested else absmax
+    offset = quant_state.offset if nested else absmax
+    _dequantize_nf4_kernel[(triton.cdiv(n_bytes, _BLOCK_BYTES),)](
+        packed,
+        absmax,
+        absmax2,
+        code2,
+        offset,
+        _levels(packed.device),
+        out,
+        n_bytes,
+        out.numel(),
+        quant_state.blocksize,
+        state2.blocksize if nested else 1,
+        NESTED=nested,
+        BLOCK=_BLOCK_BYTES,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise a bitsandbytes NF4 weight with a Triton kernel, bit-identical to ``dequantize_4bit``.
+
+    Args:
+        weight: the packed ``Params4bit`` (uint8 or another ``quant_storage``), ``(numel // 2, 1)``.
+        quant_state: its ``bitsandbytes.functional.QuantState``; nested (double-quantised) or not.
+        out: where to write; a new tensor of ``quant_state.shape`` and ``quant_state.dtype`` if None.
+
+    Returns:
+        ``quant_state.shape`` (e.g. ``(out_features, in_features)``) in ``quant_state.dtype``.
+    """
+    if out is None:
+        out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
+    return _dequantize_into(weight, quant_state, out)
+
+
+def _dequantize_to_buffer(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """Dequantise into the shared buffer for this shape: see the module docstring for why that is safe."""
+    key = (torch.Size(quant_state.shape), quant_state.dtype, weight.device)
+    buffer = _BUFFERS.get(key)
+    if buffer is None:
+        buffer = _BUFFERS[key] = torch.empty(key[0], dtype=key[1], device=key[2])
+    return _dequantize_into(weight, quant_state, buffer)
+
+
+def _base_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    w = weight if quant_state is None else _dequantize_to_buffer(weight, quant_state)
+    # bitsandbytes' matmul_4bit casts the dequantised weight to the activation dtype the same way.
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale):
+        x2d = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        w = _base_weight(weight, quant_state, x.dtype)
+        y = x2d @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2d, w.t())
+        xa = x2d @ a.t()
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2d, weight, a, b, xa)
+        ctx.quant_state, ctx.scale = quant_state, scale
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, a, b, xa = ctx.saved_tensors
+        needs_x, _, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
+        scale = ctx.scale
+        a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = da = db = dbias = None
+        if needs_x or needs_a:
+            dy_b = (dy2d @ b).mul_(scale)  # (N, r): small, so scaling it is cheaper than scaling dy
+            if needs_a:
+                da = (dy_b.t() @ x2d).to(a_dtype)
+            if needs_x:
+                w = _base_weight(weight, ctx.quant_state, dy2d.dtype)
+                dx = (dy2d @ w).addmm_(dy_b, a)
+                dx = dx.reshape(ctx.x_shape)
+        if needs_b:
+            db = (dy2d.t() @ (xa * scale)).to(b_dtype)
+        if needs_bias:
+            dbias = dy2d.sum(0).to(bias_dtype)
+        return dx, None, None, dbias, da, db, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    quant_state,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x @ W^T + bias + (x @ A^T) @ B^T * scale`` over a frozen dense or NF4 base weight.
+
+    Args:
+        x: ``(..., in_features)`` activations.
+        base_weight: ``(out, in)`` dense weight, or the packed NF4 ``Params4bit`` data; must not require grad.
+        quant_state: the weight's bitsandbytes ``QuantState`` for NF4, None for a dense weight.
+        bias: ``(out,)`` or None.
+        lora_A: ``(r, in)``, PEFT's ``lora_A.weight``.
+        lora_B: ``(out, r)``, PEFT's ``lora_B.weight``.
+        scale: PEFT's ``scaling`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA). LoRA dropout must be 0.
+
+    Returns:
+        ``(..., out_features)`` in ``x.dtype``.
+    """
+    if base_weight.requires_grad:
+        raise ValueError(
+            "lora_linear treats the base weight as frozen; set base_weight.requires_grad_(False)"
+        )
+    in_features = x.shape[-1]
+    out_features = base_weight.shape[0] if quant_state is None else quant_state.shape[0]
+    if lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):
+        raise ValueError(
+            f"LoRA shapes A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} do not fit x {tuple(x.shape)} "
+            f"and a base weight with {out_features} outputs"
+        )
+    return _LoraLinearFunction.apply(x, base_weight, quant_state, bias, lora_A, lora_B, float(scale))
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    quant_state,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit`` and plain matmuls, the LoRA path in the activation dtype."""
+    # Imported here: only the reference needs it, and importing bitsandbytes is slow.
+    import bitsandbytes.functional as bnbf
+
+    if quant_state is None:
+        w = base_weight
+    else:
+        w = bnbf.dequantize_4bit(base_weight, quant_state)
+    w = w.detach().to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    base = torch.nn.functional.linear(x, w, bias)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    return base + lora * scale

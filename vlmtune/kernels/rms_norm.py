@@ -1,0 +1,234 @@
+"""RMSNorm: a Triton forward and backward, and the Hugging Face reference beside them.
+
+Two castings, because the two families disagree about where the cast to the input dtype happens
+(transformers PR 29402):
+
+- ``"llama"`` (Qwen2RMSNorm, LlamaRMSNorm): normalise in fp32, cast to the input dtype, *then* multiply by
+  the weight, so the product is rounded once more in the output dtype.
+- ``"gemma"`` (Gemma3RMSNorm): normalise and multiply by ``(1 + w)`` in fp32, cast once at the end.
+
+``offset=1.0`` gives Gemma's ``(1 + w)`` weight. The forward reproduces Hugging Face's roundings step for
+step; the backward works in fp32 throughout and rounds once when it stores. The weight gradient is
+accumulated in fp32 per program (each program owns a band of rows) and the per-program partials are summed
+by torch afterwards, which avoids atomics and keeps the result deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_CASTINGS = ("llama", "gemma")
+
+
+def _num_warps(block: int) -> int:
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def _num_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, 2 * sms))
+    return max(1, min(n_rows, 4))
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    stride_x,
+    stride_y,
+    n_cols,
+    eps,
+    offset,
+    GEMMA_CASTING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    x_hat = x * rstd
+    if GEMMA_CASTING:
+        y = x_hat * (offset + w)
+    else:
+        # Llama rounds the normalised activations to the input dtype before the weight multiply.
+        y = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32) * (offset + w)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    offset,
+    GEMMA_CASTING: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
+    for i in range(0, rows_per_program):
+        row = row_start + i
+        # Rows past the end (the last band may be short) load zeros and store nothing.
+        row_mask = mask & (row < n_rows)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=row_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
+        x_hat = x * rstd
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
+        if COMPUTE_DW:
+            if GEMMA_CASTING:
+                dw_acc += dy * x_hat
+            else:
+                dw_acc += dy * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        n_rows, n_cols = x2d.shape
+        gemma = casting == "gemma"
+        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        if n_rows > 0:
+            _rms_norm_fwd_kernel[(n_rows,)](
+                x2d,
+                weight,
+                y,
+                rstd,
+                x2d.stride(0),
+                y.stride(0),
+                n_cols,
+                eps,
+                offset,
+                GEMMA_CASTING=gemma,
+                BLOCK=block,
+                num_warps=_num_warps(block),
+            )
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.shape = offset, gemma, shape
+        return y.reshape(*shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2d.shape
+        dy2d = dy.reshape(-1, n_cols)
+        if dy2d.stride(-1) != 1:
+            dy2d = dy2d.contiguous()
+        compute_dw = ctx.needs_input_grad[1]
+        dx = torch.empty_like(x2d)
+        n_programs = _num_programs(n_rows, x2d.device)
+        dw_partial = torch.empty(
+            (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
+        )
+        block = triton.next_power_of_2(n_cols)
+        if n_rows > 0:
+            _rms_norm_bwd_kernel[(n_programs,)](
+                dy2d,
+                x2d,
+                weight,
+                rstd,
+                dx,
+                dw_partial,
+                dy2d.stride(0),
+                x2d.stride(0),
+                dx.stride(0),
+                n_rows,
+                n_cols,
+                triton.cdiv(n_rows, n_programs),
+                ctx.offset,
+                GEMMA_CASTING=ctx.gemma,
+                COMPUTE_DW=compute_dw,
+                BLOCK=block,
+                num_warps=_num_warps(block),
+            )
+        dw = None
+        if compute_dw:
+            dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+        return dx.reshape(ctx.shape), dw, None, None, None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, casting: str) -> None:
+    if casting not in _CASTINGS:
+        raise ValueError(f"casting must be one of {_CASTINGS}, got {casting!r}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
+        )
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    casting: str = "llama",
+) -> torch.Tensor:
+    """RMS-normalise the last dim of ``x`` with a Triton kernel.
+
+    Args:
+        x: ``(..., H)`` activations, any leading shape.
+        weight: ``(H,)`` scale; the effective scale is ``offset + weight``.
+        eps: added to the mean square before the reciprocal square root.
+        offset: ``1.0`` for Gemma's ``(1 + w)`` weight, ``0.0`` otherwise.
+        casting: ``"llama"`` (Qwen2/Llama) or ``"gemma"`` (Gemma-3); see the module docstring.
+
+    Returns:
+        ``(..., H)``: in ``x.dtype`` for ``"gemma"``, in ``promote_types(x.dtype, weight.dtype)`` for
+        ``"llama"`` (what ``weight * x_hat.to(x.dtype)`` gives in Hugging Face).
+    """
+    _check(x, weight, casting)
+    return _RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    casting: str = "llama",
+) -> torch.Tensor:
+    """Pure-torch RMSNorm, op for op as Qwen2RMSNorm (``"llama"``) and Gemma3RMSNorm (``"gemma"``)."""
+    _check(x, weight, casting)
+    x32 = x.to(torch.float32)
+    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if casting == "gemma":
+        return (x_hat * (offset + weight.float())).type_as(x)
+    scale = weight if offset == 0.0 else offset + weight
+    return scale * x_hat.to(x.dtype)
