@@ -57,15 +57,13 @@ def main(config: LatexOcrConfig) -> dict:
     model, processor, adapter = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
     model = vlmtune.apply_tuning(model, adapter, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
-    result = vlmtune.train(model, processor, adapter, train_rows, config.training)
+    result = vlmtune.train(model, processor, adapter, train_rows, config.training, config.tuning)
     vlmtune.export(result.model, processor, config.out, recipe=config, base_model=config.model)
     summary = {"losses": result.losses, "kept_rows": result.kept_rows, "skipped_rows": result.skipped_rows}
     if config.eval_samples > 0:
         test_rows = vlmtune.load_rows(config.spec, split="test", path=config.data)
         rows = [test_rows[i] for i in range(min(config.eval_samples, len(test_rows)))]
-        predictions = generate(
-            result.model, processor, rows, config.max_new_tokens, config.training.image_options
-        )
+        predictions = generate(result.model, processor, rows, config.max_new_tokens, config.training.image_options)
         summary["metrics"] = ocr_metrics(predictions, [answer_of(r) for r in rows])
         logger.info("test metrics on %d rows: %s", len(rows), summary["metrics"])
     return summary
@@ -94,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--vision-lr", type=float, default=None, help="vision tower LR (default: --lr)")
+    parser.add_argument("--no-kernels", action="store_true", help="plain transformers path on CUDA")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: cap on image pixels")
     parser.add_argument("--logging-steps", type=int, default=10)
@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         r=args.r,
         alpha=args.alpha,
         dropout=args.lora_dropout,
+        vision_lr=args.vision_lr,
     )
     training = vlmtune.TrainConfig(
         max_steps=args.max_steps,
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         seed=args.seed,
+        kernels=False if args.no_kernels else None,
         image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
     )
     return LatexOcrConfig(

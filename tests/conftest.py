@@ -21,3 +21,13 @@ def tiny_gemma(tmp_path_factory):
 def tiny_paths(request):
     """Each tiny checkpoint folder in turn, for tests that hold for every family."""
     return request.getfixturevalue({"qwen2_5_vl": "tiny_qwen", "gemma3": "tiny_gemma"}[request.param])
+
+
+@pytest.fixture(scope="session")
+def latex_data(tmp_path_factory):
+    """Folder with train/test parquet of 24 generated LaTeX-OCR samples (seed 0)."""
+    from vlmtune.data.latex_ocr import make_latex_ocr
+
+    out = tmp_path_factory.mktemp("latex_ocr")
+    make_latex_ocr(24, out, seed=0, test_fraction=0.25)
+    return out

@@ -1,6 +1,6 @@
 """The shared trainer: transformers' ``Trainer`` with vlmtune's collator, seed, logging and checkpoints.
 
-    result = train(model, processor, adapter, train_rows, TrainConfig(output_dir="out", max_steps=100))
+result = train(model, processor, adapter, train_rows, TrainConfig(output_dir="out", max_steps=100))
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from vlmtune.adapters import Adapter
 from vlmtune.data.collator import Collator, PreparedDataset
+from vlmtune.tuning import TuningConfig, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ class TrainConfig:
         logging_steps: log the loss every N steps.
         save_steps: checkpoint every N steps (0: no intermediate checkpoints).
         seed: seed of weights init for LoRA, data order and dropout.
-        optim: optimizer name for transformers (``"adamw_torch"``; ``"adamw_torch_fused"`` on CUDA).
+        optim: ``"adamw"`` (torch AdamW, fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes' 8-bit AdamW).
+        kernels: swap the language tower's hot ops for vlmtune's Triton kernels (``None``: on when CUDA is
+            present; ``False``: the plain transformers path).
         dataloader_workers: DataLoader worker processes (images decode in them).
         report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
         resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
@@ -63,7 +66,8 @@ class TrainConfig:
     logging_steps: int = 10
     save_steps: int = 0
     seed: int = 0
-    optim: str = "adamw_torch"
+    optim: str = "adamw"
+    kernels: bool | None = None
     dataloader_workers: int = 0
     report_to: str = "none"
     resume_from_checkpoint: str | bool | None = None
@@ -77,6 +81,8 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optim not in ("adamw", "adamw_8bit"):
+            raise ValueError(f"optim must be 'adamw' or 'adamw_8bit', got {self.optim!r}")
 
 
 @dataclass
@@ -110,7 +116,6 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype):
         save_steps=config.save_steps if config.save_steps > 0 else 500,
         seed=config.seed,
         data_seed=config.seed,
-        optim=config.optim,
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
@@ -134,14 +139,33 @@ def _loss_recorder(losses: list[float]):
     return LossRecorder()
 
 
-def train(model, processor, adapter: Adapter, rows, config: TrainConfig) -> TrainResult:
+def make_optimizer(model, adapter: Adapter, tuning: TuningConfig, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, one group per tower learning rate (see ``TuningConfig.*_lr``)."""
+    groups = param_groups(model, adapter, tuning, config.lr, config.weight_decay)
+    if config.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=config.lr)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=config.lr, fused=on_cuda or None)
+
+
+def use_kernels(config: TrainConfig) -> bool:
+    """Whether this run patches in the Triton kernels (default: exactly when CUDA is present)."""
+    return torch.cuda.is_available() if config.kernels is None else config.kernels
+
+
+def train(
+    model, processor, adapter: Adapter, rows, config: TrainConfig, tuning: TuningConfig | None = None
+) -> TrainResult:
     """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
 
     Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
-    a message naming it before any step runs.
+    a message naming it before any step runs. ``tuning`` supplies per-tower learning rates (default: one rate).
     """
     from transformers import Trainer, set_seed
 
+    tuning = tuning or TuningConfig()
     set_seed(config.seed)
     collator = Collator(
         adapter,
@@ -154,14 +178,23 @@ def train(model, processor, adapter: Adapter, rows, config: TrainConfig) -> Trai
     dataset = PreparedDataset(rows, collator, overflow=config.overflow)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    patch = None
+    if use_kernels(config):
+        from vlmtune.kernels.patch import apply_kernels
+
+        patch = apply_kernels(model, adapter)
     trainer = Trainer(
         model=model,
         args=_training_arguments(config, dtype),
         train_dataset=dataset,
         data_collator=collator,
         callbacks=[_loss_recorder(losses)],
+        optimizers=(make_optimizer(model, adapter, tuning, config), None),
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    return TrainResult(
-        model=model, losses=losses, kept_rows=len(dataset), skipped_rows=dict(dataset.skipped)
-    )
+    try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    finally:
+        if patch is not None:
+            # Evaluation and export see the plain model; generation needs logits the fused loss never builds.
+            patch.revert()
+    return TrainResult(model=model, losses=losses, kept_rows=len(dataset), skipped_rows=dict(dataset.skipped))

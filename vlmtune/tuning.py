@@ -43,6 +43,14 @@ class TuningConfig:
         modules_to_save: extra modules trained in full and exported (e.g. ``["lm_head", "embed_tokens"]``).
         gradient_checkpointing: recompute activations in backward (language tower and vision tower alike, as
             transformers applies it model-wide); saves memory at ~30% more compute.
+        offload_activations: keep the tensors saved for backward (with checkpointing: each layer's input) in
+            pinned CPU memory instead of GPU memory, for long sequences; same numbers, slower.
+        lora_dtype: ``"float32"`` (default: PEFT keeps the small adapter in fp32, so Adam's updates to it are
+            not rounded to bf16 — a few MB for a large memory-free accuracy win) or ``"compute"`` (the model's
+            compute dtype, e.g. bf16).
+        vision_lr / projector_lr / language_lr: learning rate of that tower's trainable parameters (``None``:
+            the run's ``lr``). Parameters outside the towers (``lm_head`` in modules_to_save ...) use the
+            language rate.
     """
 
     vision: str = "lora"
@@ -57,6 +65,11 @@ class TuningConfig:
     use_rslora: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
+    offload_activations: bool = False
+    lora_dtype: str = "float32"
+    vision_lr: float | None = None
+    projector_lr: float | None = None
+    language_lr: float | None = None
 
     def __post_init__(self) -> None:
         for tower in ("vision", "projector", "language"):
@@ -68,9 +81,60 @@ class TuningConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.last_n_layers is not None and self.last_n_layers < 1:
             raise ValueError(f"last_n_layers must be >= 1 or None, got {self.last_n_layers}")
+        if self.lora_dtype not in ("float32", "compute"):
+            raise ValueError(f"lora_dtype must be 'float32' or 'compute', got {self.lora_dtype!r}")
+        for name in ("vision_lr", "projector_lr", "language_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
         lora_towers = [t for t in ("vision", "language") if getattr(self, t) == "lora"]
         if lora_towers and not (self.attention or self.mlp):
             raise ValueError(f"{lora_towers} set to 'lora' but attention and mlp are both off; turn one on")
+
+    @classmethod
+    def from_unsloth(
+        cls,
+        finetune_vision_layers: bool = True,
+        finetune_language_layers: bool = True,
+        finetune_attention_modules: bool = True,
+        finetune_mlp_modules: bool = True,
+        **kwargs,
+    ) -> TuningConfig:
+        """Unsloth's ``FastVisionModel.get_peft_model`` flags, meaning the same thing here.
+
+        ``finetune_vision_layers`` / ``finetune_language_layers`` put LoRA on (or leave frozen) the vision /
+        language tower; the attention / MLP flags choose the projections. Unlike Unsloth's name regex, the
+        projector (Qwen-VL's ``merger.mlp``) never gets LoRA from these flags, and a frozen vision tower also
+        runs without a backward pass. Other keyword arguments go to :class:`TuningConfig` (``r``, ...);
+        Unsloth's ``lora_alpha`` / ``lora_dropout`` names are accepted.
+        """
+        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+        kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+        return cls(
+            vision="lora" if finetune_vision_layers else "frozen",
+            language="lora" if finetune_language_layers else "frozen",
+            attention=finetune_attention_modules,
+            mlp=finetune_mlp_modules,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_minicpmv(
+        cls, tune_vision: bool = True, tune_llm: bool = False, use_lora: bool = True, **kwargs
+    ) -> TuningConfig:
+        """MiniCPM-V's ``finetune.py`` flags, meaning the same thing here on every family.
+
+        As in OpenBMB's script, the projector (MiniCPM-V's resampler) always trains in full;
+        ``tune_vision`` trains the vision tower in full; ``use_lora`` puts LoRA on the language tower (attention
+        and MLP here; the script's default regex takes q/k/v only: pass ``mlp=False`` for that), and without
+        LoRA ``tune_llm`` would train it in full. A run without any LoRA is plain full fine-tuning, which
+        vlmtune does not export as an adapter, so ``use_lora=False`` is refused with that explanation.
+        """
+        if not use_lora:
+            raise ValueError(
+                "use_lora=False is full fine-tuning, which vlmtune does not do; use use_lora=True "
+                f"(tune_llm={tune_llm} then has no effect: the language tower gets LoRA)"
+            )
+        return cls(vision="full" if tune_vision else "frozen", projector="full", language="lora", **kwargs)
 
 
 def _select_last_layers(names: list[str], pattern: str, last_n: int | None) -> list[str]:
@@ -108,7 +172,12 @@ def _is_linear(module: torch.nn.Module) -> bool:
 
 def full_tower_modules(adapter: Adapter, config: TuningConfig) -> list[str]:
     """Module prefixes trained in full (``modules_to_save``): ``"full"`` towers plus the user's extras."""
-    full = [p for t in ("vision", "projector", "language") if getattr(config, t) == "full" for p in adapter.towers[t]]
+    full = [
+        p
+        for t in ("vision", "projector", "language")
+        if getattr(config, t) == "full"
+        for p in adapter.towers[t]
+    ]
     return full + list(config.modules_to_save)
 
 
@@ -144,6 +213,13 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         )
     peft_model = get_peft_model(model, lora)
     _freeze_nested_frozen_towers(peft_model, adapter, config)
+    if config.lora_dtype == "compute":
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.to(dtype)
+    if config.offload_activations:
+        enable_activation_offload(peft_model)
     freeze_vision_forward(peft_model, adapter, config)
     logger.info(
         "LoRA on %d modules, %d modules trained in full; trainable parameters: %d",
@@ -170,7 +246,9 @@ def _freeze_nested_frozen_towers(model: torch.nn.Module, adapter: Adapter, confi
         if not param.requires_grad or ".lora_" in name:
             continue
         base_name = original_name(name)
-        if any(base_name == e or base_name.startswith(e + ".") or f".{e}." in f".{base_name}" for e in extras):
+        if any(
+            base_name == e or base_name.startswith(e + ".") or f".{e}." in f".{base_name}" for e in extras
+        ):
             continue
         tower = adapter.tower_of(base_name)
         if tower is not None and getattr(config, tower) == "frozen":
@@ -204,6 +282,56 @@ def freeze_vision_forward(model: torch.nn.Module, adapter: Adapter, config: Tuni
         if not hasattr(module.forward, "__vlmtune_no_grad__"):
             module.forward = _no_grad_forward(module.forward)
     return True
+
+
+def enable_activation_offload(model: torch.nn.Module) -> None:
+    """Keep tensors saved for backward in (pinned) CPU memory during the model's training forward passes.
+
+    With non-reentrant checkpointing the only tensors saved outside the checkpointed layers are the layers'
+    inputs and the few ops between them, so this moves exactly the checkpointed activations off the GPU; the
+    recomputation in backward runs outside the context and stays on the GPU.
+    """
+    if hasattr(model.forward, "__vlmtune_offload__"):
+        return
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def offloaded(*args, **kwargs):
+        if not (model.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return forward(*args, **kwargs)
+
+    offloaded.__vlmtune_offload__ = forward
+    model.forward = offloaded
+
+
+def param_groups(
+    model: torch.nn.Module, adapter: Adapter, config: TuningConfig, lr: float, weight_decay: float = 0.0
+) -> list[dict]:
+    """Optimizer parameter groups, one per tower learning rate (only trainable parameters; empty groups dropped).
+
+    LoRA factors and ``modules_to_save`` copies are assigned to the tower of the module they wrap.
+    """
+    rates = {
+        "vision": config.vision_lr or lr,
+        "projector": config.projector_lr or lr,
+        "language": config.language_lr or lr,
+    }
+    groups: dict[str, list] = {t: [] for t in rates}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[adapter.tower_of(original_name(_strip_lora(name))) or "language"].append(param)
+    return [
+        {"params": params, "lr": rates[tower], "weight_decay": weight_decay, "name": tower}
+        for tower, params in groups.items()
+        if params
+    ]
+
+
+def _strip_lora(name: str) -> str:
+    # "...q_proj.lora_A.default.weight" -> "...q_proj"; towers are decided by the wrapped module's name.
+    return name.split(".lora_", 1)[0]
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
