@@ -141,6 +141,7 @@ if __name__ == "__main__":
     cfg = parse_args()
     logger.info("config: %s", dataclasses.asdict(cfg))
     summary = main(cfg)
-    print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
+    if summary["losses"]:
+        print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:
         print("test metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()})

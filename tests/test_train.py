@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import vlmtune
+from vlmtune.data.collator import Collator
 from vlmtune.data.schema import DataError
+from vlmtune.train import make_optimizer
 
 
 def _tune(path, **tuning):
@@ -57,7 +59,7 @@ def test_a_bad_row_stops_the_run_before_any_step(tiny_qwen, tmp_path):
 
 def test_tower_learning_rates_make_optimizer_groups(tiny_qwen):
     model, _, adapter, tuning = _tune(tiny_qwen, vision="lora", vision_lr=1e-5, language_lr=3e-4)
-    optimizer = vlmtune.train.make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-4))
+    optimizer = make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-4))
     rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert rates == {"vision": 1e-5, "language": 3e-4}
     vision = {id(p) for g in optimizer.param_groups if g["name"] == "vision" for p in g["params"]}
@@ -67,8 +69,8 @@ def test_tower_learning_rates_make_optimizer_groups(tiny_qwen):
 
 def test_optimizer_state_only_for_trainable_parameters(tiny_gemma, latex_data, tmp_path):
     model, processor, adapter, tuning = _tune(tiny_gemma, vision="frozen", language="lora", mlp=False)
-    optimizer = vlmtune.train.make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-3))
-    collator = vlmtune.data.collator.Collator(adapter, processor, model.config)
+    optimizer = make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-3))
+    collator = Collator(adapter, processor, model.config)
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     batch = collator([{"index": i, "row": rows[i]} for i in range(2)])
     model(**batch).loss.backward()

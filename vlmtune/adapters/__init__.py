@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
 from vlmtune.adapters.gemma3 import GEMMA3
-from vlmtune.adapters.qwen_vl import QWEN2_5_VL
+from vlmtune.adapters.qwen_vl import QWEN2_5_VL, QWEN3_VL
 
 REGISTRY: dict[str, Adapter] = {
     "qwen2_vl": QWEN2_5_VL,
     "qwen2_5_vl": QWEN2_5_VL,
+    "qwen3_vl": QWEN3_VL,
     "gemma3": GEMMA3,
 }
 

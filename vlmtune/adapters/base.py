@@ -31,13 +31,16 @@ class ImageBatch:
     """The processed images of one sample (or, after :meth:`cat`, of one batch).
 
     Attributes:
-        tensors: model inputs for the images, e.g. ``pixel_values`` and ``image_grid_thw``; tensors whose first
-            dimension runs over images or patches so that samples concatenate along dim 0.
+        tensors: model inputs for the images, e.g. ``pixel_values`` and ``image_grid_thw``; by default tensors
+            whose first dimension runs over images or patches so that samples concatenate along dim 0.
         infos: one dict per image with what the placeholder expansion needs (grid, number of crops, ...).
+        cat_dims: the dimension each tensor concatenates along when samples are batched, where it is not 0
+            (MiniCPM-V packs every view's patches along the last dimension of one ``(1, C, P, L)`` tensor).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     infos: list[dict[str, Any]] = field(default_factory=list)
+    cat_dims: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def cat(parts: list[ImageBatch]) -> ImageBatch:
@@ -45,9 +48,9 @@ class ImageBatch:
         parts = [p for p in parts if p.infos]
         if not parts:
             return ImageBatch()
-        keys = parts[0].tensors.keys()
-        tensors = {k: torch.cat([p.tensors[k] for p in parts], dim=0) for k in keys}
-        return ImageBatch(tensors=tensors, infos=[i for p in parts for i in p.infos])
+        keys, dims = parts[0].tensors.keys(), parts[0].cat_dims
+        tensors = {k: torch.cat([p.tensors[k] for p in parts], dim=dims.get(k, 0)) for k in keys}
+        return ImageBatch(tensors=tensors, infos=[i for p in parts for i in p.infos], cat_dims=dict(dims))
 
 
 @dataclass(frozen=True)

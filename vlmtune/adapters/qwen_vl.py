@@ -1,11 +1,20 @@
-"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL (and the shared parts of Qwen3-VL).
+"""Qwen-VL family: Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
-Images are resized by the family's own image processor to multiples of 28 between ``min_pixels`` and
-``max_pixels`` (aspect ratio capped at 200), cut into flat 14x14x2 patches, and described by
-``image_grid_thw``. Each image becomes ``grid_thw.prod() / 4`` ``<|image_pad|>`` tokens between
-``<|vision_start|>`` and ``<|vision_end|>``. The language tower uses 3-D M-RoPE positions, which this adapter
-computes itself from the padded batch (transformers 5.23 only builds them when ``mm_token_type_ids`` is
-passed, and silently falls back to 1-D positions otherwise).
+Images are resized by the family's own image processor to multiples of ``patch_size * merge_size`` (28 for
+Qwen2/2.5-VL, 32 for Qwen3-VL) between ``min_pixels`` and ``max_pixels`` (aspect ratio capped at 200), cut
+into flat patches (14x14x2 or 16x16x2), and described by ``image_grid_thw``. Each image becomes
+``grid_thw.prod() / 4`` ``<|image_pad|>`` tokens between ``<|vision_start|>`` and ``<|vision_end|>``. The
+language tower uses 3-D M-RoPE positions, which this adapter computes itself from the padded batch
+(transformers 5.x only builds them when ``mm_token_type_ids`` is passed, and silently falls back to 1-D
+positions otherwise).
+
+Qwen2-VL and Qwen2.5-VL share one adapter: they differ only in the vision MLP's names (``fc1``/``fc2`` against
+``gate_proj``/``up_proj``/``down_proj``), and both sets are anchored under ``model.visual.blocks``. Qwen3-VL has
+its own: its vision MLP is ``linear_fc1``/``linear_fc2``, its projector is the final ``merger`` plus the
+DeepStack mergers (``deepstack_merger_list``) that feed intermediate vision features into the first text
+layers, and its M-RoPE is interleaved (frequencies cycle T, H, W instead of one block per axis). For images its
+position rule equals Qwen2's: ``start + (t, row, col)`` and text resuming at ``start + max(rows, cols)``
+(transformers' Qwen3-VL ``get_rope_index`` differs only for videos, which it splits per frame with timestamps).
 """
 
 from __future__ import annotations
@@ -55,8 +64,9 @@ def mrope_position_ids(
     """3-D M-RoPE positions ``(3, B, T)`` for a right-padded batch.
 
     Text tokens advance all three axes together; an image's tokens take ``start + (t, row, col)`` on the
-    merged grid, and text after it resumes at ``start + max(rows, cols)`` (the Qwen2-VL paper, section 2.1,
-    and transformers' ``get_rope_index``). Pad positions get 0.
+    merged grid, and text after it resumes at ``start + max(t, rows, cols)`` (the Qwen2-VL paper, section 2.1,
+    and transformers' ``get_rope_index``; images have ``t = 1``, so Qwen3-VL's ``max(rows, cols)`` is the same).
+    Pad positions get 0.
     """
     batch, length = input_ids.shape
     positions = torch.zeros(3, batch, length, dtype=torch.long)
@@ -124,5 +134,36 @@ QWEN2_5_VL = Adapter(
     norm_kind="rms",
     mlp_kind="swiglu",
     rope_kind="mrope",
+    image_options={"min_pixels": None, "max_pixels": None},
+)
+
+QWEN3_VL = Adapter(
+    name="qwen3_vl",
+    model_types=("qwen3_vl",),
+    towers={
+        "vision": ("model.visual",),
+        # DeepStack mergers project intermediate vision features into the text width, like the final merger.
+        # Named one by one: PEFT's modules_to_save cannot wrap their ModuleList. Every released Qwen3-VL has
+        # three (deepstack_visual_indexes of length 3); prefixes a model lacks match nothing.
+        "projector": ("model.visual.merger", *(f"model.visual.deepstack_merger_list.{i}" for i in range(3))),
+        "language": ("model.language_model", "lm_head"),
+    },
+    lora_targets=LoraTargets(
+        vision_attention=_VISION + r"\.attn\.(qkv|proj)",
+        vision_mlp=_VISION + r"\.mlp\.(linear_fc1|linear_fc2)",
+        language_attention=_LANGUAGE + r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        language_mlp=_LANGUAGE + r"\.mlp\.(gate_proj|up_proj|down_proj)",
+        projector=r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2)",
+    ),
+    image_placeholder="<|image_pad|>",
+    end_of_turn="<|im_end|>",
+    process_images=process_images,
+    expand_image=expand_image,
+    batch_extras=batch_extras,
+    norm_kind="rms",
+    mlp_kind="swiglu",
+    # Qwen3-VL interleaves the T/H/W frequencies (rope_parameters["mrope_interleaved"]); a kernel written for
+    # Qwen2's sectioned layout must not be applied to it.
+    rope_kind="mrope_interleaved",
     image_options={"min_pixels": None, "max_pixels": None},
 )

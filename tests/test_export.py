@@ -1,0 +1,74 @@
+"""Export: adapter + processor + recipe record; plain transformers + peft reload gives the same logits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune.data.collator import Collator
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_export_reloads_in_plain_peft_with_equal_logits(family, tiny_qwen, tiny_gemma, latex_data, tmp_path):
+    path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
+    model, processor, adapter = vlmtune.load(path)
+    tuning = vlmtune.TuningConfig(vision="lora", language="lora", modules_to_save=["lm_head"])
+    model = vlmtune.apply_tuning(model, adapter, tuning)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    config = vlmtune.TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, lr=1e-2)
+    vlmtune.train(model, processor, adapter, rows, config, tuning)
+    out = vlmtune.export(model, processor, tmp_path / "out", recipe={"tuning": tuning, "training": config})
+
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "vlmtune.json", "chat_template.jinja"} <= files
+    assert "tokenizer.json" in files and "processor_config.json" in files
+    record = json.loads((out / "vlmtune.json").read_text())
+    assert record["recipe"]["tuning"]["vision"] == "lora" and record["recipe"]["training"]["max_steps"] == 3
+    assert record["versions"]["transformers"] and record["versions"]["peft"]
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(path)
+
+    batch = Collator(adapter, processor, model.config)([{"index": i, "row": rows[i]} for i in range(2)])
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    # A separate interpreter that never imports vlmtune: the export must stand on transformers + peft alone.
+    script = f"""
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+batch = torch.load(sys.argv[1])
+base = AutoModelForImageTextToText.from_pretrained({str(path)!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(out)!r}).eval()
+assert "vlmtune" not in sys.modules
+with torch.no_grad():
+    torch.save(model(**batch).logits, sys.argv[2])
+"""
+    torch.save(batch, tmp_path / "batch.pt")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")], check=True)
+    reloaded = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+
+
+def test_merge_writes_a_full_checkpoint_with_the_same_logits(tiny_qwen, latex_data, tmp_path):
+    model, processor, adapter = vlmtune.load(tiny_qwen)
+    tuning = vlmtune.TuningConfig(vision="frozen")
+    model = vlmtune.apply_tuning(model, adapter, tuning)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    vlmtune.train(model, processor, adapter, rows, vlmtune.TrainConfig(output_dir=str(tmp_path), max_steps=2, lr=1e-2))
+    out = vlmtune.export(model, processor, tmp_path / "out")
+    merged = vlmtune.merge(out, tmp_path / "merged", dtype=torch.float32)
+
+    from transformers import AutoModelForImageTextToText
+
+    full = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
+    batch = Collator(adapter, processor, model.config)([{"index": 0, "row": rows[0]}])
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+    assert (merged / "chat_template.jinja").exists()

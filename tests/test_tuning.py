@@ -1,0 +1,103 @@
+"""Tuning controls: flag vocabularies, validation, LoRA dtype, activation offload."""
+
+import copy
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune.data.collator import Collator
+from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({}, dict(vision="lora", language="lora", attention=True, mlp=True)),
+        (dict(finetune_vision_layers=False), dict(vision="frozen", language="lora", attention=True, mlp=True)),
+        (dict(finetune_language_layers=False), dict(vision="lora", language="frozen", attention=True, mlp=True)),
+        (dict(finetune_mlp_modules=False), dict(vision="lora", language="lora", attention=True, mlp=False)),
+        (dict(finetune_attention_modules=False), dict(vision="lora", language="lora", attention=False, mlp=True)),
+    ],
+)
+def test_unsloth_flags_map_onto_tower_modes(flags, expected):
+    config = TuningConfig.from_unsloth(**flags, r=8, lora_alpha=32, lora_dropout=0.05)
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert (config.r, config.alpha, config.dropout, config.projector) == (8, 32, 0.05, "frozen")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (dict(tune_vision=True, use_lora=True), dict(vision="full", projector="full", language="lora")),
+        (dict(tune_vision=False, use_lora=True), dict(vision="frozen", projector="full", language="lora")),
+    ],
+)
+def test_minicpmv_flags_map_onto_tower_modes(flags, expected):
+    config = TuningConfig.from_minicpmv(**flags)
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+def test_minicpmv_full_finetuning_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="use_lora=True"):
+        TuningConfig.from_minicpmv(use_lora=False, tune_llm=True)
+
+
+def test_both_vocabularies_select_the_same_modules(tiny_qwen):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
+    adapter = vlmtune.detect(model.config)
+    unsloth = TuningConfig.from_unsloth(finetune_vision_layers=False)
+    native = TuningConfig(vision="frozen", language="lora")
+    assert lora_target_names(model, adapter, unsloth) == lora_target_names(model, adapter, native)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(vision="half"), "vision must be one of"),
+        (dict(r=0), "r must be >= 1"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(attention=False, mlp=False), "attention and mlp are both off"),
+        (dict(last_n_layers=0), "last_n_layers"),
+        (dict(lora_dtype="int4"), "lora_dtype"),
+        (dict(vision_lr=-1.0), "vision_lr must be positive"),
+    ],
+)
+def test_bad_settings_raise_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TuningConfig(**kwargs)
+
+
+def test_lora_dtype_compute_keeps_adapters_in_the_model_dtype(tiny_qwen):
+    model, _, adapter = vlmtune.load(tiny_qwen, dtype="bfloat16")
+    model = apply_tuning(model, adapter, TuningConfig(lora_dtype="compute"))
+    dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+    assert dtypes == {torch.bfloat16}
+    model32, _, adapter = vlmtune.load(tiny_qwen, dtype="bfloat16")
+    model32 = apply_tuning(model32, adapter, TuningConfig())
+    assert {p.dtype for n, p in model32.named_parameters() if ".lora_" in n} == {torch.float32}
+
+
+def test_activation_offload_gives_the_same_loss_and_gradients(tiny_gemma, latex_data):
+    model, processor, adapter = vlmtune.load(tiny_gemma)
+    plain = apply_tuning(model, adapter, TuningConfig())
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.02)  # non-zero B so every LoRA factor gets a gradient
+    offloaded = copy.deepcopy(plain)
+    vlmtune.tuning.enable_activation_offload(offloaded)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    batch = Collator(adapter, processor, model.config)([{"index": i, "row": rows[i]} for i in range(2)])
+    results = []
+    for m in (plain, offloaded):
+        m.train()
+        loss = m(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)

@@ -1,0 +1,147 @@
+"""MiniCPM-V 4.6, the layout transformers implements natively (``model_type`` ``minicpmv4_6``).
+
+Each image becomes a *source* view (the whole image resized to about ``scale_resolution``² pixels) plus, when it
+is larger than that, up to ``max_slice_nums`` slices cut from a grid-aligned resize; every view's side is a
+multiple of ``patch_size`` times the merge factor. The family's own image processor does the slicing and packs
+all views' 14x14 patches along the last dimension of one ``(1, C, 14, L)`` ``pixel_values`` tensor, with
+``target_sizes`` giving each view's patch grid. The chat template writes one ``<|image_pad|>`` per image; the
+processor's own ``replace_image_token`` expands it to ``<image_id>N</image_id>`` (optional), ``<image>`` + the
+source view's tokens + ``</image>``, and rows of ``<slice>`` ... ``</slice>`` joined by newlines.
+
+``downsample_mode`` picks the visual token budget: ``"16x"`` (default) merges 2x2 patches twice, once inside the
+vision tower (``vit_merger``) and once in ``merger``, so a view of ``h x w`` patches costs ``h * w / 16`` tokens;
+``"4x"`` skips the in-tower merge (``h * w / 4`` tokens). The vision tower is SigLIP-style (``fc1``/``fc2``
+MLP); the language tower is Qwen3.5, whose layers alternate Gated DeltaNet linear attention
+(``linear_attn.in_proj_qkv`` / ``in_proj_z`` / ``out_proj``) and full attention (``self_attn.q/k/v/o_proj``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+
+DOWNSAMPLE_MODES = ("16x", "4x")
+_PROCESSOR_OPTIONS = ("max_slice_nums", "scale_resolution", "slice_mode", "downsample_mode")
+
+
+def downsample_mode(processor, options: dict[str, Any]) -> str:
+    """The mode the user chose, else the image processor's default."""
+    mode = options.get("downsample_mode") or processor.image_processor.downsample_mode
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"downsample_mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
+    return mode
+
+
+def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
+    """Run MiniCPM-V 4.6's image processor with the user's slicing and downsampling options."""
+    mode = downsample_mode(processor, options)
+    kwargs = {k: options[k] for k in _PROCESSOR_OPTIONS if options.get(k) is not None}
+    kwargs["downsample_mode"] = mode
+    out = processor.image_processor(images=images, return_tensors="pt", **kwargs)
+    use_image_id = options.get("use_image_id")
+    if use_image_id is None:
+        use_image_id = processor.image_processor.use_image_id
+    infos, start = [], 0
+    for grid, views in zip(out["grids"], out["num_patches_per_image"], strict=True):
+        infos.append(
+            {
+                "grid": tuple(int(g) for g in grid),  # (rows, cols) of slices; (0, 0) when not sliced
+                "target_sizes": out["target_sizes"][start : start + views],
+                "downsample_mode": mode,
+                "use_image_id": bool(use_image_id),
+            }
+        )
+        start += views
+    tensors = {"pixel_values": out["pixel_values"], "target_sizes": out["target_sizes"]}
+    return ImageBatch(tensors=tensors, infos=infos, cat_dims={"pixel_values": -1})
+
+
+def num_image_tokens(info: dict[str, Any]) -> int:
+    """Image tokens of one image: every view's ``rows * cols`` patches over 4 or 16."""
+    divisor = 4 if info["downsample_mode"] == "4x" else 16
+    return int((info["target_sizes"].prod(-1) // divisor).sum())
+
+
+def expand_image(processor, images: ImageBatch, index: int) -> str:
+    """The processor's own expansion of image ``index`` of a sample, with its per-sample id tag."""
+    info = images.infos[index]
+    one_image = {
+        "grids": [list(info["grid"])],
+        "num_patches_per_image": [len(info["target_sizes"])],
+        "target_sizes": info["target_sizes"],
+    }
+    divisor = 4 if info["downsample_mode"] == "4x" else 16
+    text = processor.replace_image_token(one_image, 0, image_token_divisor=divisor)
+    if info["use_image_id"]:
+        # MiniCPMV4_6Processor numbers images per sample, starting at 0.
+        text = f"{processor.image_id_start_token}{index}{processor.image_id_end_token}" + text
+    return text
+
+
+def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> dict[str, Any]:
+    """``downsample_mode`` when it differs from the model config's (the model reads it from the config otherwise).
+
+    The value is a string, not a tensor: ``Trainer`` passes it through to ``forward`` unchanged.
+    """
+    modes = {info["downsample_mode"] for info in images.infos}
+    if not modes or modes == {model_config.downsample_mode}:
+        return {}
+    if len(modes) > 1:
+        raise ValueError(f"one batch mixes downsample modes {sorted(modes)}; use one mode per run")
+    return {"downsample_mode": modes.pop()}
+
+
+_VISION = r"model\.vision_tower\.encoder\.layers\.(\d+)"
+_LANGUAGE = r"model\.language_model\.layers\.(\d+)"
+
+MINICPMV4_6 = Adapter(
+    name="minicpmv4_6",
+    model_types=("minicpmv4_6",),
+    towers={
+        "vision": ("model.vision_tower",),
+        # The window-attention merger inside the vision tower is a learned 2x2 downsampler, the same role as the
+        # final merger MLP: both are projector modules (frozen by default, trained with projector="full").
+        "projector": ("model.merger", "model.vision_tower.vit_merger"),
+        "language": ("model.language_model", "lm_head"),
+    },
+    lora_targets=LoraTargets(
+        vision_attention=_VISION + r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+        vision_mlp=_VISION + r"\.mlp\.(fc1|fc2)",
+        # Full-attention layers and Gated DeltaNet layers alike; DeltaNet's in_proj_a / in_proj_b (one output
+        # per head, the decay and write-strength gates) are left out: a rank-16 update of a 16-wide output is
+        # no low-rank adapter.
+        language_attention=_LANGUAGE
+        + r"\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))",
+        language_mlp=_LANGUAGE + r"\.mlp\.(gate_proj|up_proj|down_proj)",
+        projector=r"model\.merger\.mlp\.\d+\.(linear_1|linear_2)"
+        r"|model\.vision_tower\.vit_merger\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|linear_1|linear_2)",
+    ),
+    image_placeholder="<|image_pad|>",
+    end_of_turn="<|im_end|>",
+    process_images=process_images,
+    expand_image=expand_image,
+    batch_extras=batch_extras,
+    # Qwen3.5: RMSNorm scales by (1 + w) like Gemma's; text-only M-RoPE (equal T/H/W positions) on a quarter
+    # of each head; DeltaNet layers have no RoPE.
+    norm_kind="rms_gemma",
+    mlp_kind="swiglu",
+    rope_kind="mrope_interleaved",
+    image_options={
+        "max_slice_nums": None,
+        "scale_resolution": None,
+        "slice_mode": None,
+        "downsample_mode": None,
+        "use_image_id": None,
+    },
+)
+
+
+def image_token_count(images: ImageBatch) -> int:
+    """Image tokens of every image in ``images`` (what the model's merger produces for them)."""
+    return sum(num_image_tokens(info) for info in images.infos)
+
+
+__all__ = ["MINICPMV4_6", "image_token_count", "num_image_tokens"]
