@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> None:
     before = generate(model, processor, held_out, max_new_tokens=48)[0]
 
     config = vlmtune.TrainConfig(
-        output_dir=str(work / "out"), max_steps=args.steps, batch_size=8, lr=3e-3, logging_steps=10, seed=args.seed
+        output_dir=str(work / "out"), max_steps=args.steps, batch_size=8, lr=1e-2, logging_steps=10, seed=args.seed
     )
     result = vlmtune.train(model, processor, adapter, train_rows, config)
     print(f"[demo] loss: first {result.losses[0]:.3f} -> last {result.losses[-1]:.3f} over {args.steps} steps")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fine-tune the tiny Qwen2.5-VL on generated LaTeX-OCR data (CPU)")
     demo.add_argument("--out", default=None, help="working folder (default: a new temp folder)")
     demo.add_argument("--n", type=int, default=320, help="samples to generate")
-    demo.add_argument("--steps", type=int, default=120, help="training steps")
+    demo.add_argument("--steps", type=int, default=100, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 

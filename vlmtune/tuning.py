@@ -48,6 +48,8 @@ class TuningConfig:
         lora_dtype: ``"float32"`` (default: PEFT keeps the small adapter in fp32, so Adam's updates to it are
             not rounded to bf16 — a few MB for a large memory-free accuracy win) or ``"compute"`` (the model's
             compute dtype, e.g. bf16).
+        init_seed: seed of the LoRA initialisation (drawn in a forked RNG, so the same config gives the same
+            adapter whatever ran before, and the global RNG is left as it was).
         vision_lr / projector_lr / language_lr: learning rate of that tower's trainable parameters (``None``:
             the run's ``lr``). Parameters outside the towers (``lm_head`` in modules_to_save ...) use the
             language rate.
@@ -67,6 +69,7 @@ class TuningConfig:
     gradient_checkpointing: bool = True
     offload_activations: bool = False
     lora_dtype: str = "float32"
+    init_seed: int = 0
     vision_lr: float | None = None
     projector_lr: float | None = None
     language_lr: float | None = None
@@ -211,7 +214,10 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
             "no tower is set to 'lora', so there is no adapter to export; set vision or language to 'lora' "
             "(a 'full'-only run is plain full fine-tuning, which vlmtune does not export as an adapter)"
         )
-    peft_model = get_peft_model(model, lora)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.init_seed)
+        peft_model = get_peft_model(model, lora)
     _freeze_nested_frozen_towers(peft_model, adapter, config)
     if config.lora_dtype == "compute":
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
