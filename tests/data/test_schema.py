@@ -89,7 +89,8 @@ def test_text_of_and_count_image_parts():
     ("image", "pixel"),
     [
         (Image.new("L", (3, 2), 77), (77, 77, 77)),
-        (Image.new("RGBA", (3, 2), (10, 20, 30, 128)), (10, 20, 30)),
+        # half-transparent over white: 10 * 128/255 + 255 * 127/255 = 132 (and so on)
+        (Image.new("RGBA", (3, 2), (10, 20, 30, 128)), (132, 137, 142)),
         (Image.new("P", (3, 2), 1), None),
         (Image.new("1", (3, 2), 1), (255, 255, 255)),
         (Image.new("RGB", (3, 2), (1, 2, 3)), (1, 2, 3)),
@@ -175,3 +176,38 @@ def test_images_given_as_a_bare_string_is_not_counted_by_characters():
         validate_row(row, 8)  # accepting it as one image is fine
     except DataError as err:  # so is refusing it, as long as the reason is right
         assert str(err).startswith("row 8: ") and "5 image" not in str(err)
+
+
+# --- every image mode becomes 8-bit RGB that shows the same picture ------------------------------------------
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
+    import numpy as np
+
+    ramp = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369).astype(np.uint16)  # 0 .. 65535
+    image = load_image(_png(Image.fromarray(ramp)), 0)
+    pixels = np.asarray(image)[..., 0]
+    assert image.mode == "RGB"
+    assert pixels[0, 0] == 0 and pixels[-1, -1] == 255 and pixels[1, 2] == round(6 * 4369 / 257)
+
+
+def test_transparency_is_composited_on_white():
+    import numpy as np
+
+    transparent_black = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
+    opaque_black = Image.new("RGBA", (3, 3), (0, 0, 0, 255))
+    assert np.asarray(load_image(_png(transparent_black), 0))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(load_image(_png(opaque_black), 0))[0, 0].tolist() == [0, 0, 0]
+
+
+def test_cmyk_converts_to_rgb():
+    import numpy as np
+
+    image = load_image(Image.new("CMYK", (2, 2), (0, 255, 255, 0)), 0)  # pure cyan-free red in CMYK terms
+    assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [255, 0, 0]

@@ -104,4 +104,27 @@ def load_image(source: Any, index: int) -> Image.Image:
         raise DataError(index, f"cannot decode image ({type(err).__name__}: {err})") from err
     if image.width < 1 or image.height < 1:
         raise DataError(index, f"image has size {image.width}x{image.height}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without losing what the picture shows.
+
+    Transparency is composited on white (a transparent-background formula would otherwise turn black on
+    black); 16/32-bit grayscale is rescaled to 8 bits (PIL's plain conversion clips it to white); CMYK, palette,
+    grayscale and the rest go through PIL's own conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
