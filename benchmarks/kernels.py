@@ -73,16 +73,8 @@ def _rms_norm(t, hidden, casting, device, dtype):
 
 def _rope(t, n_q, n_k, head_dim, mrope, device, dtype):
     # Attention hands over (B, T, H, D) projections viewed as (B, H, T, D).
-    q = (
-        _leaf(1, t, n_q, head_dim, device=device, dtype=dtype, grad=False)
-        .transpose(1, 2)
-        .requires_grad_(True)
-    )
-    k = (
-        _leaf(1, t, n_k, head_dim, device=device, dtype=dtype, grad=False)
-        .transpose(1, 2)
-        .requires_grad_(True)
-    )
+    q = _leaf(1, t, n_q, head_dim, device=device, dtype=dtype, grad=False).transpose(1, 2).requires_grad_(True)
+    k = _leaf(1, t, n_k, head_dim, device=device, dtype=dtype, grad=False).transpose(1, 2).requires_grad_(True)
     leaves = [q, k]
     axes = (3,) if mrope else ()
     cos = torch.randn(*axes, 1, t, head_dim, device=device).to(dtype)
@@ -93,9 +85,7 @@ def _rope(t, n_q, n_k, head_dim, mrope, device, dtype):
             _fwd_bwd(apply_mrope, leaves, q, k, cos, sin, section),
             _fwd_bwd(apply_mrope_reference, leaves, q, k, cos, sin, section),
         )
-    return _fwd_bwd(apply_rope, leaves, q, k, cos, sin), _fwd_bwd(
-        apply_rope_reference, leaves, q, k, cos, sin
-    )
+    return _fwd_bwd(apply_rope, leaves, q, k, cos, sin), _fwd_bwd(apply_rope_reference, leaves, q, k, cos, sin)
 
 
 def _gated(t, inter, kind, device, dtype):

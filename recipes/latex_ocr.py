@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 language tower (QLoRA)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="generation budget at evaluation")
     parser.add_argument("--vision", choices=["frozen", "lora", "full"], default="lora")
     parser.add_argument("--no-tune-vision", action="store_true", help="same as --vision frozen")
     parser.add_argument("--projector", choices=["frozen", "lora", "full"], default="frozen")
@@ -131,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         quant="nf4" if args.qlora else "none",
         dtype=args.dtype,
         eval_samples=args.eval_samples,
+        max_new_tokens=args.max_new_tokens,
         tuning=tuning,
         training=training,
     )

@@ -1,0 +1,478 @@
+"""Time a LoRA / QLoRA training step of vlmtune against the plain Hugging Face stack and Unsloth, side by side.
+
+    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed
+    python benchmarks/train_step.py --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
+    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed --max-batch      # largest batch in 24/80 GiB
+    python benchmarks/train_step.py --model tiny-qwen --shape fixed --device cpu --steps 2 --warmup 1   # anywhere
+    python benchmarks/train_step.py report benchmarks/results/qwen2_5_vl-7b_fixed_*.json   # tables of a record
+
+Models (``--model``): random models of real size built from the released configs (``qwen2_5_vl-7b``,
+``qwen2_5_vl-3b``, ``gemma3-4b``), written once per machine under ``--cache`` with a processor and loaded as a
+user loads a download; ``tiny-qwen`` / ``tiny-gemma`` are ``vlmtune.tiny``'s checkpoints and run on the CPU.
+
+Shapes (``--shape``): ``fixed`` — ``--batch`` samples, each one random-noise image (448x448 for Qwen-VL: 256
+tokens; 896 px for Gemma-3: 256 tokens), 24 prompt tokens and 128 supervised answer tokens; ``real`` —
+batches of generated LaTeX-OCR rows through vlmtune's collator, counting non-pad tokens only.
+
+Configurations (``--configs``, comma-separated; ``name:frozen`` runs one with the vision tower frozen, no
+LoRA in it; ``--vision frozen`` does that for all): see ``CONFIGS`` in ``train_step_data.py``. Each runs in
+its own process (fresh CUDA context, honest peak memory) through the same plain loop on the same batches.
+``unsloth`` runs with ``--peer-site`` on ``PYTHONPATH`` when that folder exists (``../shared/tools/peer-unsloth``
+says how to fill it); configurations that cannot run report ``n/a`` and the others go on.
+
+Reported per configuration: step time (median of the timed steps after ``--warmup`` untimed ones), tokens/s and
+images/s (median over timed steps), peak allocated and reserved GPU memory over the whole process, first and
+last loss, warm-up (load start to the end of the first step) and load time, and the ratio of each to
+``hf_qlora`` and to ``hf_qlora_noupcast``. The table goes to stdout, the raw records to
+``<out>/<model>_<shape>_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path, where kernels.py would shadow the `kernels`
+    # package that bitsandbytes imports. The repository root goes there instead (helpers import as benchmarks.*).
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    sys.path.insert(0, str(HERE.parent))
+RESULTS = HERE / "results"
+RESULT_PREFIX = "@@RESULT "
+PREPARED_PREFIX = "@@PREPARED "
+BASELINES = ("hf_qlora", "hf_qlora_noupcast")
+DEFAULT_CONFIGS = (
+    "hf_qlora",
+    "hf_qlora_noupcast",
+    "unsloth",
+    "vlmtune_qlora",
+    "vlmtune_qlora_kernels",
+    "hf_qlora:frozen",
+    "vlmtune_qlora:frozen",
+    "vlmtune_qlora_kernels:frozen",
+    "hf_qlora_liger",
+    "hf_bf16",
+    "vlmtune_bf16",
+)
+# The configurations that need neither bitsandbytes' CUDA kernels, Triton nor Unsloth (run on the CPU).
+CPU_CONFIGS = ("hf_bf16", "vlmtune_bf16")
+
+
+# ----------------------------------------------------------------------------------------- child processes
+
+
+def _python_env(extra: dict[str, str] | None = None, pythonpath: str | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    env.update(extra or {})
+    return env
+
+
+def _child(cmd: list[str], env: dict[str, str], prefix: str, label: str, timeout: float | None) -> dict[str, Any]:
+    """Run ``cmd``, echo its output to stderr as ``[label] ...``, return the JSON after ``prefix`` (or a failure)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE.parent)
+    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    if timer:
+        timer.start()
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    record = None
+    try:
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                record = json.loads(line[len(prefix) :])
+                continue
+            tail.append(line.rstrip())
+            print(f"[{label}] {line.rstrip()}", file=sys.stderr, flush=True)
+        proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    wall = time.perf_counter() - start
+    if record is None:
+        if timeout is not None and wall >= timeout:
+            record = {"status": "timeout", "reason": f"killed after {timeout:.0f} s, the rest of --time-budget"}
+        else:
+            # Progress bars say nothing about the failure; the traceback's last lines do.
+            tail_text = [t for t in tail if "it/s]" not in t and "\r" not in t]
+            record = {"status": "error", "reason": f"exit code {proc.returncode}; " + " | ".join(tail_text[-8:])}
+    record["wall_s"] = wall
+    return record
+
+
+def prepare(args, batch: int) -> dict[str, Any]:
+    """Build (or reuse) the checkpoint and write the batches, in a child process that then frees the GPU."""
+    count = 1 if args.shape == "fixed" else args.warmup + args.steps
+    cmd = [sys.executable, str(HERE / "train_step.py"), "prepare", "--model", args.model, "--shape", args.shape]
+    cmd += ["--batch", str(batch), "--count", str(count), "--cache", str(args.cache), "--device", args.device]
+    record = _child(cmd, _python_env(), PREPARED_PREFIX, "prepare", None)
+    if "checkpoint" not in record:
+        raise SystemExit(f"preparing {args.model} failed: {record.get('reason')}")
+    return record
+
+
+def run_config(args, name: str, prepared: dict[str, Any], timeout: float | None, **extra) -> dict[str, Any]:
+    """One configuration in its own process; Unsloth's with its peer site folder on the path."""
+    from benchmarks.train_step_data import CONFIGS, split_name
+
+    base, _ = split_name(name)
+    env = _python_env()
+    if CONFIGS[base].stack == "unsloth":
+        peer = Path(args.peer_site)
+        # Unsloth pins older transformers / trl / datasets than vlmtune: it gets its own site folder.
+        pythonpath = str(peer) if peer.is_dir() else None
+        env = _python_env({"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}, pythonpath)
+    cmd = [sys.executable, str(HERE / "train_step.py"), "worker", "--config", name, "--model", args.model]
+    cmd += ["--checkpoint", prepared["checkpoint"], "--batches", prepared["batches"], "--device", prepared["device"]]
+    cmd += ["--warmup", str(extra.get("warmup", args.warmup)), "--steps", str(extra.get("steps", args.steps))]
+    cmd += ["--vision", args.vision]
+    if extra.get("memory_limit_gib") is not None:
+        cmd += ["--memory-limit-gib", str(extra["memory_limit_gib"])]
+    record = _child(cmd, env, RESULT_PREFIX, name, timeout)
+    record.setdefault("config", name)
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """``ratios[<baseline>]``: each figure over the same figure of ``hf_qlora``, ``hf_qlora_noupcast``,
+    ``unsloth`` and, for ``:frozen`` configurations, ``hf_qlora:frozen``, where those ran."""
+    ok = {r["config"]: r for r in results if r.get("status") == "ok"}
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        refs = [*BASELINES, "unsloth"] + (
+            ["hf_qlora:frozen", "unsloth:frozen"] if r["config"].endswith(":frozen") else []
+        )
+        r["ratios"] = {}
+        for ref in refs:
+            if ref not in ok:
+                continue
+            base = ok[ref]
+            r["ratios"][ref] = {
+                key: (r[key] / base[key] if r.get(key) is not None and base.get(key) else None)
+                for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "warmup_s")
+            }
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the records, ratios to both baselines included."""
+    head = (
+        "| configuration | step s | tokens/s | images/s | peak alloc GiB | peak reserved GiB | loss first → last "
+        "| warm-up s | tok/s ÷ hf_qlora | tok/s ÷ noupcast | tok/s ÷ unsloth | mem ÷ hf_qlora | mem ÷ noupcast "
+        "| mem ÷ unsloth |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    for r in results:
+        if r.get("status") != "ok":
+            reason = str(r.get("reason", ""))[:140].replace("|", "/")
+            if r.get("status") == "timeout":
+                reason = f"killed after {_fmt(r.get('wall_s'), 0)} s, when the run's --time-budget was spent"
+            lines.append(f"| {r['config']} | {r.get('status')}: {reason} |" + " |" * 12)
+            continue
+        ratio = r.get("ratios", {})
+
+        def rel(ref, key, ratio=ratio):
+            return _fmt(ratio.get(ref, {}).get(key))
+
+        lines.append(
+            f"| {r['config']} | {_fmt(r['step_s'], 3)} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['images_per_s'], 2)} "
+            f"| {_fmt(r['peak_alloc_gib'])} | {_fmt(r['peak_reserved_gib'])} "
+            f"| {_fmt(r['loss_first'], 3)} → {_fmt(r['loss_last'], 3)} | {_fmt(r['warmup_s'], 1)} "
+            + " ".join(f"| {rel(ref, 'tokens_per_s')}" for ref in (*BASELINES, "unsloth"))
+            + " "
+            + " ".join(f"| {rel(ref, 'peak_alloc_gib')}" for ref in (*BASELINES, "unsloth"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """The issues' targets for vlmtune QLoRA (kernels on when they ran, else off), met or missed and by how much."""
+    ok = {r["config"]: r for r in results if r.get("status") == "ok"}
+    ours = next((ok[c] for c in ("vlmtune_qlora_kernels", "vlmtune_qlora") if c in ok), None)
+    if ours is None:
+        return ["targets: no vlmtune QLoRA configuration ran"]
+    lines = [f"targets, measured on {ours['config']}:"]
+
+    def check(label, value, goal, met):
+        lines.append(f"  {'MET   ' if met else 'MISSED'} {label}: {value:.2f} (goal {goal})")
+
+    if "unsloth" in ok:
+        u = ok["unsloth"]
+        check(
+            "tokens/s ÷ unsloth",
+            ours["tokens_per_s"] / u["tokens_per_s"],
+            ">= 1.5",
+            ours["tokens_per_s"] >= 1.5 * u["tokens_per_s"],
+        )
+        if ours.get("peak_alloc_gib") and u.get("peak_alloc_gib"):
+            ratio = ours["peak_alloc_gib"] / u["peak_alloc_gib"]
+            check("peak alloc ÷ unsloth", ratio, "<= 1.0", ratio <= 1.0)
+    if "hf_qlora" in ok and ours.get("peak_alloc_gib") and ok["hf_qlora"].get("peak_alloc_gib"):
+        ratio = ours["peak_alloc_gib"] / ok["hf_qlora"]["peak_alloc_gib"]
+        check("peak alloc ÷ hf_qlora", ratio, "<= 0.5", ratio <= 0.5)
+    offload = ok.get("vlmtune_qlora_kernels_offload")
+    if offload and "unsloth" in ok and offload.get("peak_alloc_gib") and ok["unsloth"].get("peak_alloc_gib"):
+        ratio = offload["peak_alloc_gib"] / ok["unsloth"]["peak_alloc_gib"]
+        check("peak alloc with offload ÷ unsloth", ratio, "<= 1.0", ratio <= 1.0)
+    check("warm-up s", ours["warmup_s"], "< 30", ours["warmup_s"] < 30)
+    frozen = ok.get(ours["config"] + ":frozen")
+    if frozen:
+        ratio = frozen["step_s"] / ours["step_s"]
+        check("step s, vision frozen ÷ vision LoRA", ratio, "< 1.0", ratio < 1.0)
+    return lines
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "cpu"
+
+
+def write(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ modes
+
+
+def benchmark(args) -> list[dict[str, Any]]:
+    """Every configuration once, side by side; returns the records."""
+    from benchmarks.train_step_data import CONFIGS, split_name
+
+    started = time.perf_counter()
+    prepared = prepare(args, args.batch)
+    print(f"prepared {args.model} on {prepared['device_name']}: {json.dumps(prepared['data'])}", file=sys.stderr)
+    meta = _meta(args, prepared)
+    path = Path(args.out) / f"{args.model}_{args.shape}_{device_slug(prepared['device_name'])}.json"
+    results: list[dict[str, Any]] = []
+    for name in args.configs:
+        base, _ = split_name(name)
+        left = None if args.time_budget is None else args.time_budget - (time.perf_counter() - started)
+        if not prepared["device"].startswith("cuda") and CONFIGS[base].needs_cuda:
+            record = {
+                "config": name,
+                "status": "skipped",
+                "reason": "needs CUDA (bitsandbytes 4-bit, Triton or Unsloth)",
+            }
+        elif left is not None and left < 30:
+            record = {"config": name, "status": "skipped", "reason": f"--time-budget {args.time_budget} s spent"}
+        else:
+            record = run_config(args, name, prepared, left)
+        results.append(record)
+        add_ratios(results)
+        write(path, meta, results)  # after each configuration, so a killed run keeps what it measured
+        print(f"{name}: {record.get('status')} {_fmt(record.get('tokens_per_s'), 0)} tok/s", file=sys.stderr)
+    print(f"\n{args.model}, {args.shape} shape, batch {args.batch}, {prepared['device_name']}\n")
+    print(table(results))
+    print("\n" + "\n".join(targets(results)))
+    print(f"\nraw records: {path}")
+    return results
+
+
+def _fits(args, name: str, batch: int, limit: float) -> bool:
+    prepared = prepare(args, batch)
+    record = run_config(args, name, prepared, None, warmup=1, steps=1, memory_limit_gib=limit)
+    print(f"{name} batch {batch} in {limit} GiB: {record.get('status')}", file=sys.stderr)
+    return record.get("status") == "ok"
+
+
+def max_batch(args) -> dict[str, dict[str, int]]:
+    """Largest fixed-shape batch that trains two steps within each memory limit (doubling, then bisection)."""
+    found: dict[str, dict[str, int]] = {}
+    for name in args.configs:
+        found[name] = {}
+        for limit in args.max_batch_limits:
+            low, high = 0, None
+            batch = args.batch
+            while high is None and batch <= args.max_batch_cap:
+                if _fits(args, name, batch, limit):
+                    low, batch = batch, batch * 2
+                else:
+                    high = batch
+            high = high or args.max_batch_cap + 1
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if _fits(args, name, mid, limit) else (low, mid)
+            found[name][f"{limit:g}GiB"] = low
+            print(f"{name}: largest batch in {limit:g} GiB = {low}", file=sys.stderr)
+    prepared = prepare(args, args.batch)
+    path = Path(args.out) / f"{args.model}_{args.shape}_{device_slug(prepared['device_name'])}_maxbatch.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": _meta(args, prepared), "max_batch": found}, indent=2) + "\n")
+    print(json.dumps(found, indent=2))
+    return found
+
+
+def _meta(args, prepared: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "shape": args.shape,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "vision": args.vision,
+        "device": prepared["device_name"],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
+        "data": prepared["data"],
+        "prepare_s": prepared.get("wall_s"),
+        "build_s": prepared.get("build_s"),
+    }
+
+
+# ------------------------------------------------------------------------------------------ child entry points
+
+
+def prepare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="train_step.py prepare")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--shape", required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    import torch
+
+    from benchmarks.train_step_data import build_checkpoint, describe, fixed_batches, real_batches
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = Path(args.cache) / args.model
+    start = time.perf_counter()
+    build_checkpoint(args.model, folder, device)
+    build_s = time.perf_counter() - start
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    name = f"batches_{args.shape}_b{args.batch}_n{args.count}.pt"
+    batches_file = folder / name
+    if not batches_file.exists():
+        if args.shape == "fixed":
+            batches = fixed_batches(args.model, folder, args.batch)
+        else:
+            data_dir = Path(args.cache) / f"latex_ocr_{args.batch * args.count}"
+            batches = real_batches(folder, data_dir, args.batch, args.count)
+        torch.save(batches, batches_file)
+    batches = torch.load(batches_file, weights_only=True)
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    record = {"checkpoint": str(folder), "batches": str(batches_file), "device": device, "device_name": device_name}
+    record.update(data=describe(batches), build_s=build_s)
+    print(PREPARED_PREFIX + json.dumps(record), flush=True)
+    return 0
+
+
+def worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="train_step.py worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--batches", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--vision", default="lora")
+    parser.add_argument("--memory-limit-gib", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.config.startswith("unsloth"):
+        # Unsloth patches transformers and peft at import: it must come before them (its own instructions).
+        try:
+            import unsloth  # noqa: F401
+        except (ImportError, NotImplementedError, RuntimeError) as err:
+            print(RESULT_PREFIX + json.dumps({"config": args.config, "status": "n/a", "reason": f"unsloth: {err}"}))
+            return 0
+    from benchmarks import train_step_worker
+
+    return train_step_worker.main(args)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from benchmarks.train_step_data import MODELS, VISION_MODES, split_name
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--shape", default="fixed", choices=("fixed", "real"))
+    parser.add_argument("--configs", default=None, help="comma-separated; default: all (CPU: the CPU-capable ones)")
+    parser.add_argument("--vision", default="lora", choices=VISION_MODES, help="vision tower of every config")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Unsloth compiles in 2)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON records")
+    parser.add_argument("--cache", default="/tmp/vlmtune-bench", help="checkpoints and batches, built once")
+    parser.add_argument("--peer-site", default="/tmp/peer-site", help="site folder holding Unsloth")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; later configs are skipped")
+    parser.add_argument("--max-batch", action="store_true", help="find the largest batch per memory limit")
+    parser.add_argument("--max-batch-limits", default="24,80", help="GiB, comma-separated")
+    parser.add_argument("--max-batch-cap", type=int, default=128)
+    args = parser.parse_args(argv)
+    if args.configs is None:
+        if args.max_batch:
+            args.configs = "hf_qlora,vlmtune_qlora,vlmtune_qlora_kernels"
+        else:
+            args.configs = ",".join(CPU_CONFIGS if args.device == "cpu" else DEFAULT_CONFIGS)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in args.configs:
+        try:
+            split_name(name)
+        except ValueError as err:
+            parser.error(str(err))
+    args.max_batch_limits = [float(x) for x in args.max_batch_limits.split(",")]
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--steps must be >= 1, --warmup >= 0, --batch >= 1")
+    return args
+
+
+def report_main(argv: list[str]) -> int:
+    """``train_step.py report FILE.json ...``: the table and targets of recorded runs, ratios recomputed."""
+    for name in argv:
+        data = json.loads(Path(name).read_text())
+        meta, results = data["meta"], data["results"]
+        add_ratios(results)
+        print(f"{meta['model']}, {meta['shape']} shape, batch {meta['batch']}, {meta['device']}, {meta['date']}\n")
+        print(table(results))
+        print("\n" + "\n".join(targets(results)) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
+    if argv and argv[0] == "prepare":
+        return prepare_main(argv[1:])
+    if argv and argv[0] == "worker":
+        return worker_main(argv[1:])
+    args = parse_args(argv)
+    if args.max_batch:
+        max_batch(args)
+    else:
+        benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""One benchmark configuration in its own process: set the model up, run the plain training loop, report.
+
+``benchmarks/train_step.py`` starts this once per configuration (fresh CUDA context, so peak memory is the
+configuration's own) and reads the one ``@@RESULT`` JSON line it prints. Every configuration runs the same
+loop on the same batches — forward, backward, optimizer step, ``zero_grad`` — under bf16 autocast on CUDA
+(fp32 on the CPU), with fused AdamW at lr 2e-4 over the trainable parameters: differences come from the model
+setup alone. Unsloth's configurations import ``unsloth`` before this module (its patches must precede
+transformers), which ``train_step.py`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.train_step_data import CONFIGS, HF_PROCESSOR_KEYS, MODELS, BenchConfig, ModelSpec, split_name
+
+RESULT_PREFIX = "@@RESULT "
+LORA_R = LORA_ALPHA = 16
+LR = 2e-4
+GIB = 2**30
+
+
+class NotAvailable(Exception):
+    """The configuration cannot run here (a package or module is missing); reported as ``n/a``."""
+
+
+# ------------------------------------------------------------------------------------------------ model setup
+
+
+def _compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _apply_liger(model, family: str) -> str:
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError as err:
+        raise NotAvailable(f"liger-kernel is not importable ({err})") from err
+    patch = {"qwen2_5_vl": liger.apply_liger_kernel_to_qwen2_5_vl, "gemma3": liger.apply_liger_kernel_to_gemma3}
+    patch[family](model=model)  # its defaults: RoPE, RMSNorm, gated MLP, fused linear cross-entropy
+    return patch[family].__name__
+
+
+def setup_hf(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: str, vision: str):
+    """The baseline as the public recipes write it (TRL / peft QLoRA examples)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    dtype = _compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "device_map": device}
+    if cfg.quant:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, **kwargs)
+    info: dict[str, Any] = {}
+    if cfg.liger:
+        info["liger"] = _apply_liger(model, spec.family)
+    checkpointing = {"use_reentrant": False}
+    if cfg.upcast:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    targets = list(spec.lora_suffixes) if vision == "lora" else spec.language_only_regex
+    lora = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none", target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, lora), info
+
+
+def setup_unsloth(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: str, vision: str):
+    """Unsloth's vision path as its notebooks write it, with the same LoRA placement."""
+    from unsloth import FastVisionModel
+
+    model, _ = FastVisionModel.from_pretrained(
+        str(checkpoint),
+        load_in_4bit=cfg.quant,
+        load_in_16bit=not cfg.quant,
+        use_gradient_checkpointing="unsloth",
+        max_seq_length=4096,
+    )
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=vision == "lora",
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        bias="none",
+        random_state=3407,
+        use_gradient_checkpointing="unsloth",
+    )
+    FastVisionModel.for_training(model)
+    return model, {}
+
+
+def setup_vlmtune(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: str, vision: str):
+    """vlmtune's public API: load, apply_tuning from the adapter's tags, optionally the kernels."""
+    import vlmtune
+    from vlmtune.tuning import TuningConfig, apply_tuning
+
+    apply_kernels = None
+    if cfg.kernels:
+        try:
+            from vlmtune.kernels.patch import apply_kernels
+        except ImportError as err:
+            raise NotAvailable(f"vlmtune.kernels.patch is not importable ({err})") from err
+    model, _, adapter = vlmtune.load(checkpoint, quant="nf4" if cfg.quant else "none", device=device)
+    tuning = TuningConfig(vision=vision, language="lora", r=LORA_R, alpha=LORA_ALPHA, offload_activations=cfg.offload)
+    model = apply_tuning(model, adapter, tuning)
+    info: dict[str, Any] = {}
+    if apply_kernels is not None:
+        patch = apply_kernels(model, adapter)
+        info["kernels_patched"] = {op: len(names) for op, names in patch.patched.items()}
+        info["kernels_skipped"] = len(patch.skipped)
+    return model, info
+
+
+SETUPS: dict[str, Callable] = {"hf": setup_hf, "unsloth": setup_unsloth, "vlmtune": setup_vlmtune}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide the numbers."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "liger-kernel", "unsloth", "unsloth-zoo"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _lora_counts(model) -> dict[str, int]:
+    names = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0]
+    vision = [n for n in names if ".visual." in n or ".vision_tower." in n]
+    return {
+        "lora_modules": len(names),
+        "lora_vision_modules": len(vision),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak(device: str) -> dict[str, float | None]:
+    if not device.startswith("cuda"):
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    return {
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+    }
+
+
+def train_loop(model, batches, keys, device: str, warmup: int, steps: int, load_start: float, result: dict) -> None:
+    """The one loop every configuration runs; fills ``result`` as it goes (so an OOM keeps what was measured)."""
+    cuda = device.startswith("cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=cuda or None)
+    model.train()
+    losses, times, tokens, images = [], [], [], []
+    for step in range(warmup + steps):
+        batch = batches[step % len(batches)]
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in keys}
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach().float().item())
+        _sync(device)
+        end = time.perf_counter()
+        losses.append(value)
+        if step == 0:
+            result["first_step_s"] = end - start
+            result["warmup_s"] = end - load_start
+        if step >= warmup:
+            times.append(end - start)
+            tokens.append(int(batch["attention_mask"].sum()))
+            images.append(_count_images(batch))
+        result["losses"] = losses
+    result["step_times_s"] = times
+    result["step_s"] = statistics.median(times)
+    result["tokens_per_step"] = statistics.mean(tokens)
+    result["tokens_per_s"] = statistics.median(t / s for t, s in zip(tokens, times, strict=True))
+    result["images_per_s"] = statistics.median(i / s for i, s in zip(images, times, strict=True))
+    result["loss_first"], result["loss_last"] = losses[0], losses[-1]
+
+
+def _count_images(batch: dict[str, torch.Tensor]) -> int:
+    if "image_grid_thw" in batch:
+        return int(batch["image_grid_thw"].shape[0])
+    return int(batch["pixel_values"].shape[0])
+
+
+def run(
+    name: str,
+    model_name: str,
+    checkpoint: Path,
+    batches_file: Path,
+    device: str,
+    warmup: int,
+    steps: int,
+    vision: str,
+    memory_limit_gib: float | None = None,
+) -> dict[str, Any]:
+    """Set configuration ``name`` up and train; return the result record (``status``: ok / oom / n/a / error)."""
+    base, suffix = split_name(name)
+    vision = suffix or vision
+    cfg, spec = CONFIGS[base], MODELS[model_name]
+    result: dict[str, Any] = {"config": name, "stack": cfg.stack, "quant": cfg.quant, "vision": vision}
+    result.update(device=device, device_name=_device_name(device), dtype=str(_compute_dtype(device)))
+    result["versions"] = versions()
+    if device.startswith("cuda") and memory_limit_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gib * GIB / total))
+        result["memory_limit_gib"] = memory_limit_gib
+    batches = torch.load(batches_file, weights_only=True)
+    keys = set(batches[0]) if cfg.stack == "vlmtune" else set(batches[0]) & HF_PROCESSOR_KEYS
+    result["batch_keys"] = sorted(keys)
+    load_start = time.perf_counter()
+    try:
+        model, info = SETUPS[cfg.stack](cfg, spec, checkpoint, device, vision)
+        _sync(device)
+        result["load_s"] = time.perf_counter() - load_start
+        result.update(info)
+        result.update(_lora_counts(model))
+        if device.startswith("cuda"):
+            result["memory_after_load_gib"] = torch.cuda.memory_allocated() / GIB
+        train_loop(model, batches, keys, device, warmup, steps, load_start, result)
+        result["status"] = "ok"
+    except NotAvailable as err:
+        result.update(status="n/a", reason=str(err))
+    except torch.OutOfMemoryError as err:
+        result.update(status="oom", reason=str(err).splitlines()[0][:300])
+    except Exception as err:  # the driver reports any failure of one configuration and goes on
+        result.update(status="error", reason=f"{type(err).__name__}: {err}"[:1000])
+        result["traceback"] = traceback.format_exc()[-4000:]
+    result.update(_peak(device))
+    return result
+
+
+def main(args) -> int:
+    """Entry point of ``train_step.py worker``: print one ``@@RESULT`` line; exit 0 unless the record is missing."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run(
+        args.config,
+        args.model,
+        Path(args.checkpoint),
+        Path(args.batches),
+        args.device,
+        args.warmup,
+        args.steps,
+        args.vision,
+        args.memory_limit_gib,
+    )
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
