@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -51,6 +52,18 @@ def quantization_config(adapter: Adapter, quant: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
 
 
+def read_config(path: Path) -> SimpleNamespace:
+    """The folder's ``config.json`` as attributes, read without transformers' Auto classes.
+
+    The family is decided from ``model_type`` before any class is chosen: a MiniCPM-V 2.6 folder names remote code
+    in its ``auto_map``, which must not be followed unless the user opts in.
+    """
+    config = path / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a checkpoint folder?")
+    return SimpleNamespace(**json.loads(config.read_text()))
+
+
 def _is_prequantized(path: Path) -> bool:
     config = path / "config.json"
     return config.exists() and "quantization_config" in json.loads(config.read_text())
@@ -78,15 +91,14 @@ def load(
     Returns:
         ``(model, processor, adapter)``.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    config = AutoConfig.from_pretrained(path)
-    adapter = detect(config)
+    adapter = detect(read_config(path))
     torch_dtype = compute_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "device_map": device}
@@ -94,6 +106,6 @@ def load(
         kwargs["quantization_config"] = quantization_config(adapter, quant, torch_dtype)
     loader = adapter.load_model or AutoModelForImageTextToText.from_pretrained
     model = loader(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = (adapter.load_processor or AutoProcessor.from_pretrained)(path)
     logger.info("loaded %s (%s, %s, quant=%s) on %s", path, adapter.name, torch_dtype, quant, device)
     return model, processor, adapter
