@@ -153,7 +153,14 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _swap_forward(module: torch.nn.Module, forward: Callable, patch: KernelPatch, data: Any = None) -> None:
-    """Bind ``forward`` as ``module``'s instance forward; register its exact undo on ``patch``."""
+    """Bind ``forward`` as ``module``'s instance forward; register its exact undo on ``patch``.
+
+    Only leaf-ish modules (norms, MLPs, attention, LoRA linears) and the top-level model are swapped, never a
+    decoder layer: transformers 5.23 checkpoints a layer by wrapping its class ``forward``
+    (``GradientCheckpointingLayer.__init_subclass__``) where 5.17 wraps ``__call__``, so an instance forward on a
+    layer would skip checkpointing in one version and not the other. The modules swapped here are called
+    through ``__call__`` from inside the layer in both, during the forward and the recomputation alike.
+    """
     saved = module.__dict__.get("forward", _MISSING)
     setattr(module, _STATE, _Swapped(inner=module.forward, data=data))
     module.forward = types.MethodType(forward, module)
@@ -255,12 +262,12 @@ def _rope_attention_forward(self, *args, **kwargs):
     # a recomputation that saves different tensors. The global is shared, so two threads running models of
     # the same family at once could see each other's swap (both compute the same rotation; the kernel's
     # result equals Hugging Face's).
-    swap = getattr(self, _STATE).data
-    namespace = sys.modules[swap.modeling_module].__dict__
+    swapped = getattr(self, _STATE)
+    namespace = sys.modules[swapped.data.modeling_module].__dict__
     previous = namespace[_ROPE_FUNCTION]
-    namespace[_ROPE_FUNCTION] = swap.replacement
+    namespace[_ROPE_FUNCTION] = swapped.data.replacement
     try:
-        return getattr(self, _STATE).inner(*args, **kwargs)
+        return swapped.inner(*args, **kwargs)
     finally:
         namespace[_ROPE_FUNCTION] = previous
 
@@ -377,6 +384,7 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 class _LossData:
     kernel: Callable
     inner: str  # attribute of the inner model (base_model_prefix)
+    inner_takes_labels: bool  # Gemma3ForConditionalGeneration hands labels to its inner model; Qwen-VL does not
     softcap: float | None
     output_class: type
     positional: tuple[str, ...]  # forward's parameter names, to name positional arguments
@@ -397,6 +405,7 @@ def _patch_cross_entropy(base, language, adapter, patch) -> None:
     data = _LossData(
         kernel=_kernel("fused_linear_ce", "fused_linear_cross_entropy"),
         inner=base.base_model_prefix,
+        inner_takes_labels="labels" in inspect.signature(inner.forward).parameters,
         softcap=softcap,
         output_class=_output_class(original, CausalLMOutputWithPast),
         positional=positional,
@@ -443,6 +452,8 @@ def _active_head_weight(head: torch.nn.Module) -> torch.Tensor | None:
 def _fused_loss_forward(self, *args, **kwargs):
     swapped = getattr(self, _STATE)
     data: _LossData = swapped.data
+    if len(args) > len(data.positional):
+        raise TypeError(f"forward takes {len(data.positional)} positional arguments, {len(args)} were given")
     kwargs.update(zip(data.positional, args, strict=False))
     return_logits = kwargs.pop("return_logits", False)
     labels = kwargs.get("labels")
@@ -459,6 +470,8 @@ def _fused_loss_forward(self, *args, **kwargs):
     shift_labels = kwargs.pop("shift_labels", None)
     return_dict = kwargs.pop("return_dict", None)
 
+    if data.inner_takes_labels:
+        kwargs["labels"] = labels
     outputs = getattr(self, data.inner)(**kwargs, return_dict=True)
     hidden = outputs[0]
     if shift_labels is None:

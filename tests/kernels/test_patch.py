@@ -1,0 +1,295 @@
+"""apply_kernels on the tiny models: kernels on ≡ off (loss, LoRA gradients, training losses), revert is exact.
+
+On the CPU every kernel runs in Triton's interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET), one
+Python call per program instance, so a patched step costs seconds where the plain one costs milliseconds:
+the batches here are two short samples, and the 30-step runs are marked slow (a 5-step run is in the default
+set).
+
+Tolerances (fp32): the kernels reassociate sums that torch orders differently (the RMSNorm reduction, the LoRA
+product accumulated into the base output with addmm_, the chunked logsumexp of the fused cross-entropy), so
+single ops differ from Hugging Face's by a few fp32 ulps; through two layers and backward that grows to
+~1e-6 relative. Losses are checked to 1e-5 relative and gradients to 1e-4 relative (plus an absolute floor
+of 1e-6 of the largest gradient for entries that are nearly zero); after 5 Adam steps the losses to 1e-4.
+"""
+
+import copy
+import dataclasses
+import inspect
+import sys
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from transformers import set_seed
+
+import vlmtune
+from vlmtune.data.collator import Collator
+from vlmtune.data.latex_ocr import make_latex_ocr
+from vlmtune.data.spec import DataSpec, load_rows
+from vlmtune.kernels.patch import ALL_OPS, apply_kernels, kernels_available
+
+# Qwen's smallest images (2x2 merged patches per image) keep the interpreted steps short.
+IMAGE_OPTIONS = {"qwen2_5_vl": {"max_pixels": 56 * 56}, "gemma3": {}}
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+TRAIN_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def latex_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latex_ocr_patch")
+    make_latex_ocr(16, out, seed=0)
+    return load_rows(DataSpec(source_type="parquet", path=str(out)), "train")
+
+
+@pytest.fixture
+def family_path(request, tiny_qwen, tiny_gemma):
+    return {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[request.param]
+
+
+def _tuned(path, quant="none", **tuning):
+    set_seed(0)  # the same LoRA init in every model built from the same arguments
+    model, processor, adapter = vlmtune.load(path, quant=quant)
+    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(**tuning))
+    # PEFT starts B at zero, which would leave A without gradient: give B values so every factor is checked.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model.train(), processor, adapter
+
+
+def _batch(model, processor, adapter, rows, n=2):
+    collator = Collator(adapter, processor, model.config, image_options=IMAGE_OPTIONS[adapter.name])
+    return collator([{"index": i, "row": rows[i]} for i in range(n)])
+
+
+def _loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+def _assert_same_grads(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and want
+    floor = 1e-6 * max(g.abs().max().item() for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=GRAD_RTOL, atol=floor, msg=name)
+
+
+def _instance_forwards(model) -> dict:
+    return {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+
+
+def _check_on_off_and_revert(model, batch):
+    """Plain, patched, reverted: patched ≈ plain, reverted == plain bit for bit, forwards restored."""
+    forwards = _instance_forwards(model)
+    modeling = sys.modules[type(model.get_base_model()).__module__]
+    rope_function = modeling.apply_rotary_pos_emb
+    plain, plain_grads = _loss_and_grads(model, batch)
+    patch = apply_kernels(model, vlmtune.detect(model.config))
+    patched, patched_grads = _loss_and_grads(model, batch)
+    # The modeling module's RoPE function is swapped only while a patched attention runs.
+    assert modeling.apply_rotary_pos_emb is rope_function
+    patch.revert()
+    reverted, reverted_grads = _loss_and_grads(model, batch)
+
+    assert patched.logits is None  # the fused loss never built them
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    _assert_same_grads(patched_grads, plain_grads)
+
+    now = _instance_forwards(model)
+    assert all(now[name] is forwards[name] for name in forwards)
+    assert not any("_vlmtune_kernel" in m.__dict__ for m in model.modules())
+    assert torch.equal(reverted.loss, plain.loss) and torch.equal(reverted.logits, plain.logits)
+    assert all(torch.equal(reverted_grads[n], plain_grads[n]) for n in plain_grads)
+    return patch
+
+
+@pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
+def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows):
+    model, processor, adapter = _tuned(family_path, vision="lora", language="lora")
+    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    # Qwen: input + post-attention norms per layer; Gemma-3: four, plus q_norm and k_norm; both: the final norm.
+    norms_per_layer = {"rms": 2, "rms_gemma": 6}[adapter.norm_kind]
+    assert len(patch.patched["rms_norm"]) == norms_per_layer * n_layers + 1
+    assert len(patch.patched["rope"]) == len(patch.patched["mlp"]) == n_layers
+    assert len(patch.patched["lora_linear"]) == 7 * n_layers and not patch.skipped
+    assert patch.patched["cross_entropy"] == [""]
+    patched = [n for names in patch.patched.values() for n in names if n]
+    assert all(adapter.tower_of(n) == "language" for n in patched)  # the vision tower is untouched
+
+
+def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows):
+    model, processor, adapter = _tuned(tiny_qwen, quant="nf4", vision="frozen", language="lora")
+    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+    assert len(patch.patched["lora_linear"]) == 14 and not patch.skipped
+
+
+def test_lm_head_in_modules_to_save_trains_through_the_fused_loss(tiny_qwen, latex_rows):
+    model, processor, adapter = _tuned(tiny_qwen, vision="frozen", modules_to_save=["lm_head"])
+    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    ops = ("cross_entropy",)
+    plain, plain_grads = _loss_and_grads(model, batch)
+    patch = apply_kernels(model, adapter, ops)
+    patched, patched_grads = _loss_and_grads(model, batch)
+    patch.revert()
+    assert any("lm_head.modules_to_save" in n for n in plain_grads)
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    _assert_same_grads(patched_grads, plain_grads)
+
+
+def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_rows):
+    model, processor, adapter = _tuned(tiny_gemma, vision="frozen", language="lora")
+    batch = _batch(model, processor, adapter, latex_rows)
+    n_items = torch.tensor(97)  # Trainer's count over the whole accumulated batch
+    labels = batch["labels"].clone()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        plain = model(**batch)
+        plain_summed = model(**batch, num_items_in_batch=n_items)
+        plain_logits = model(**inputs).logits
+        patch = apply_kernels(model, adapter, ("cross_entropy",))
+        summed = model(**batch, num_items_in_batch=n_items)
+        as_tuple = model(**batch, return_dict=False)
+        positional = model.get_base_model()(batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"})
+        no_labels = model(**inputs)
+        with_logits = model(**batch, return_logits=True)
+    patch.revert()
+
+    torch.testing.assert_close(summed.loss, plain_summed.loss, rtol=LOSS_RTOL, atol=0)
+    assert type(summed) is type(plain) and summed.logits is None
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], positional.loss)
+    torch.testing.assert_close(positional.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    # No labels, or logits asked for: the original forward, bit for bit.
+    assert torch.equal(no_labels.logits, plain_logits)
+    assert torch.equal(with_logits.loss, plain.loss) and torch.equal(with_logits.logits, plain.logits)
+    assert torch.equal(batch["labels"], labels)  # the caller's labels are not shifted in place
+
+
+def test_patched_forward_keeps_the_signature_trainer_and_generate_read(tiny_gemma):
+    model, _, adapter = vlmtune.load(tiny_gemma)
+    before = inspect.signature(model.forward)
+    patch = apply_kernels(model, adapter, ("cross_entropy",))
+    assert inspect.signature(model.forward) == before
+    patch.revert()
+
+
+def test_lora_layers_keep_peft_path_when_the_kernel_does_not_apply(tiny_qwen):
+    model, _, adapter = _tuned(tiny_qwen, vision="frozen", dropout=0.1)
+    patch = apply_kernels(model, adapter, ("lora_linear",))
+    assert not patch.patched["lora_linear"]
+    assert len(patch.skipped) == 14 and set(patch.skipped.values()) == {"lora_dropout > 0"}
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, LoraLayer))
+    patch.revert()
+
+
+def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma):
+    # Gemma3ForCausalLM soft-caps its logits (the multimodal class does not): a text-only tiny model with a
+    # cap small enough to bite checks the fused loss caps exactly where Hugging Face does.
+    from transformers import AutoConfig, Gemma3ForCausalLM
+
+    text_config = AutoConfig.from_pretrained(tiny_gemma).text_config
+    text_config.final_logit_softcapping = 2.0
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(text_config).train()
+    adapter = dataclasses.replace(
+        vlmtune.detect(AutoConfig.from_pretrained(tiny_gemma)),
+        towers={"vision": (), "projector": (), "language": ("model", "lm_head")},
+    )
+    input_ids = torch.randint(3, text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    plain, plain_grads = _loss_and_grads(model, batch)
+    patch = apply_kernels(model, adapter, ("rms_norm", "rope", "mlp", "cross_entropy"))
+    patched, patched_grads = _loss_and_grads(model, batch)
+    patch.revert()
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    _assert_same_grads(patched_grads, plain_grads)  # every weight trains here: norm, MLP and lm_head grads too
+
+
+def test_rope_outside_the_kernel_shapes_falls_back_to_transformers():
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from vlmtune.kernels.patch import _rope_or_fallback
+    from vlmtune.kernels.rope import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)  # (B, T, H, D)
+    cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    hf = modeling_gemma3.apply_rotary_pos_emb
+    got = _rope_or_fallback(q, k, cos, sin, unsqueeze_dim=2, kernel=apply_rope, fallback=hf)
+    want = hf(q, k, cos, sin, unsqueeze_dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_deep_copy_of_a_patched_model_is_patched_on_its_own(tiny_gemma):
+    model, _, adapter = vlmtune.load(tiny_gemma)
+    patch = apply_kernels(model, adapter, ("rms_norm", "mlp"))
+    clone = copy.deepcopy(model)
+    patch.revert()
+    mlp = clone.model.language_model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp and mlp._vlmtune_kernel.inner.__self__ is mlp
+    assert "forward" not in model.model.language_model.layers[0].mlp.__dict__
+
+
+def test_refuses_unknown_ops_and_double_patching(tiny_gemma):
+    model, _, adapter = vlmtune.load(tiny_gemma)
+    with pytest.raises(ValueError, match="unknown kernel op"):
+        apply_kernels(model, adapter, ("rms_norm", "flash_attention"))
+    patch = apply_kernels(model, adapter, ("mlp",))
+    with pytest.raises(ValueError, match="already applied"):
+        apply_kernels(model, adapter, ALL_OPS)
+    patch.revert()
+    patch.revert()  # idempotent
+    apply_kernels(model, adapter, ("mlp",)).revert()
+
+
+def test_kernels_available_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels_available()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not kernels_available()
+
+
+def _train_losses(path, rows, tmp_path, kernels, steps):
+    set_seed(0)
+    model, processor, adapter = vlmtune.load(path)
+    # Checkpointing off: the recomputation would run every interpreted kernel twice. The checks above run
+    # with it on (apply_tuning's default).
+    tuning = vlmtune.TuningConfig(vision="frozen", language="lora", gradient_checkpointing=False)
+    model = vlmtune.apply_tuning(model, adapter, tuning)
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path / f"kernels_{kernels}"),
+        max_steps=steps,
+        batch_size=2,
+        lr=5e-3,
+        logging_steps=1,
+        image_options=IMAGE_OPTIONS[adapter.name],
+        kernels=kernels,  # train() applies apply_kernels after tuning and reverts after training
+    )
+    return vlmtune.train(model, processor, adapter, rows, config, tuning).losses
+
+
+def _check_training(path, rows, tmp_path, steps):
+    plain = _train_losses(path, rows, tmp_path, kernels=False, steps=steps)
+    fused = _train_losses(path, rows, tmp_path, kernels=True, steps=steps)
+    assert len(plain) == len(fused) == steps
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=TRAIN_RTOL, atol=0)
+    assert plain[-1] < plain[0]
+
+
+def test_five_training_steps_kernels_on_equal_off(tiny_qwen, latex_rows, tmp_path):
+    _check_training(tiny_qwen, latex_rows, tmp_path, steps=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
+def test_thirty_training_steps_kernels_on_equal_off(family_path, latex_rows, tmp_path):
+    _check_training(family_path, latex_rows, tmp_path, steps=30)
