@@ -3,8 +3,11 @@
     python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed
     python benchmarks/train_step.py --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
     python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed --max-batch      # largest batch in 24/80 GiB
+    python benchmarks/train_step.py --model qwen2_5_vl-7b --profile       # where one step's time goes (ours, hf_qlora)
+    python benchmarks/train_step.py --model qwen2_5_vl-3b --suite final --out $OUT        # a fixed set, one call
     python benchmarks/train_step.py --model tiny-qwen --shape fixed --device cpu --steps 2 --warmup 1   # anywhere
     python benchmarks/train_step.py report benchmarks/results/qwen2_5_vl-7b_fixed_*.json   # tables of a record
+    python benchmarks/train_step.py report --write BENCHMARKS.md $OUT/*.json    # fill BENCHMARKS.md's report blocks
 
 Models (``--model``): random models of real size built from the released configs (``qwen2_5_vl-7b``,
 ``qwen2_5_vl-3b``, ``gemma3-4b``), written once per machine under ``--cache`` with a processor and loaded as a
@@ -24,7 +27,13 @@ Reported per configuration: step time (median of the timed steps after ``--warmu
 images/s (median over timed steps), peak allocated and reserved GPU memory over the whole process, first and
 last loss, warm-up (load start to the end of the first step) and load time, and the ratio of each to
 ``hf_qlora`` and to ``hf_qlora_noupcast``. The table goes to stdout, the raw records to
-``<out>/<model>_<shape>_<device>.json``.
+``<out>/<model>_<shape>_<device>.json``, everything printed also to ``<out>/<model>_<shape>.log``.
+
+``--profile [CONFIGS]`` runs one more step of those configurations after their timed ones, under
+``torch.profiler`` with ranges around the vision tower, projector, language tower, loss/head, backward and
+optimizer step, and sorts the GPU kernels by kind (``train_step_profile.py`` says how); the record gets a
+``profile`` key and a table is printed. ``--suite NAME`` runs the fixed set ``SUITES[NAME][model]`` of
+``train_step_data.py`` (configurations, profiled ones, steps, time budget); options given explicitly win.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":
@@ -51,7 +60,6 @@ if __name__ == "__main__":
 RESULTS = HERE / "results"
 RESULT_PREFIX = "@@RESULT "
 PREPARED_PREFIX = "@@PREPARED "
-BASELINES = ("hf_qlora", "hf_qlora_noupcast")
 DEFAULT_CONFIGS = (
     "hf_qlora",
     "hf_qlora_noupcast",
@@ -67,6 +75,18 @@ DEFAULT_CONFIGS = (
 )
 # The configurations that need neither bitsandbytes' CUDA kernels, Triton nor Unsloth (run on the CPU).
 CPU_CONFIGS = ("hf_bf16", "vlmtune_bf16")
+# What --profile without a list profiles: ours against the baseline (on the CPU: the bf16 pair).
+PROFILE_CONFIGS = ("vlmtune_qlora_kernels", "hf_qlora")
+CPU_PROFILE_CONFIGS = ("vlmtune_bf16", "hf_bf16")
+_log: list[Path] = []  # the run's log file under --out, once benchmark() named it
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Print ``text`` (to stderr unless ``stream``) and append it to the run's log."""
+    print(text, file=stream or sys.stderr, flush=True)
+    for path in _log:
+        with path.open("a") as log:
+            log.write(text + "\n")
 
 
 # ----------------------------------------------------------------------------------------- child processes
@@ -95,7 +115,7 @@ def _child(cmd: list[str], env: dict[str, str], prefix: str, label: str, timeout
                 record = json.loads(line[len(prefix) :])
                 continue
             tail.append(line.rstrip())
-            print(f"[{label}] {line.rstrip()}", file=sys.stderr, flush=True)
+            say(f"[{label}] {line.rstrip()}")
         proc.wait()
     finally:
         if timer:
@@ -138,6 +158,8 @@ def run_config(args, name: str, prepared: dict[str, Any], timeout: float | None,
     cmd += ["--checkpoint", prepared["checkpoint"], "--batches", prepared["batches"], "--device", prepared["device"]]
     cmd += ["--warmup", str(extra.get("warmup", args.warmup)), "--steps", str(extra.get("steps", args.steps))]
     cmd += ["--vision", args.vision]
+    if extra.get("profile"):
+        cmd.append("--profile")
     if extra.get("memory_limit_gib") is not None:
         cmd += ["--memory-limit-gib", str(extra["memory_limit_gib"])]
     record = _child(cmd, env, RESULT_PREFIX, name, timeout)
@@ -145,105 +167,7 @@ def run_config(args, name: str, prepared: dict[str, Any], timeout: float | None,
     return record
 
 
-# --------------------------------------------------------------------------------------------------- report
-
-
-def add_ratios(results: list[dict[str, Any]]) -> None:
-    """``ratios[<baseline>]``: each figure over the same figure of ``hf_qlora``, ``hf_qlora_noupcast``,
-    ``unsloth`` and, for ``:frozen`` configurations, ``hf_qlora:frozen``, where those ran."""
-    ok = {r["config"]: r for r in results if r.get("status") == "ok"}
-    for r in results:
-        if r.get("status") != "ok":
-            continue
-        refs = [*BASELINES, "unsloth"] + (
-            ["hf_qlora:frozen", "unsloth:frozen"] if r["config"].endswith(":frozen") else []
-        )
-        r["ratios"] = {}
-        for ref in refs:
-            if ref not in ok:
-                continue
-            base = ok[ref]
-            r["ratios"][ref] = {
-                key: (r[key] / base[key] if r.get(key) is not None and base.get(key) else None)
-                for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "warmup_s")
-            }
-
-
-def _fmt(value, digits=2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of the records, ratios to both baselines included."""
-    head = (
-        "| configuration | step s | tokens/s | images/s | peak alloc GiB | peak reserved GiB | loss first → last "
-        "| warm-up s | tok/s ÷ hf_qlora | tok/s ÷ noupcast | tok/s ÷ unsloth | mem ÷ hf_qlora | mem ÷ noupcast "
-        "| mem ÷ unsloth |"
-    )
-    lines = [head, "|" + "---|" * 14]
-    for r in results:
-        if r.get("status") != "ok":
-            reason = str(r.get("reason", ""))[:140].replace("|", "/")
-            if r.get("status") == "timeout":
-                reason = f"killed after {_fmt(r.get('wall_s'), 0)} s, when the run's --time-budget was spent"
-            lines.append(f"| {r['config']} | {r.get('status')}: {reason} |" + " |" * 12)
-            continue
-        ratio = r.get("ratios", {})
-
-        def rel(ref, key, ratio=ratio):
-            return _fmt(ratio.get(ref, {}).get(key))
-
-        lines.append(
-            f"| {r['config']} | {_fmt(r['step_s'], 3)} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['images_per_s'], 2)} "
-            f"| {_fmt(r['peak_alloc_gib'])} | {_fmt(r['peak_reserved_gib'])} "
-            f"| {_fmt(r['loss_first'], 3)} → {_fmt(r['loss_last'], 3)} | {_fmt(r['warmup_s'], 1)} "
-            + " ".join(f"| {rel(ref, 'tokens_per_s')}" for ref in (*BASELINES, "unsloth"))
-            + " "
-            + " ".join(f"| {rel(ref, 'peak_alloc_gib')}" for ref in (*BASELINES, "unsloth"))
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def targets(results: list[dict[str, Any]]) -> list[str]:
-    """The issues' targets for vlmtune QLoRA (kernels on when they ran, else off), met or missed and by how much."""
-    ok = {r["config"]: r for r in results if r.get("status") == "ok"}
-    ours = next((ok[c] for c in ("vlmtune_qlora_kernels", "vlmtune_qlora") if c in ok), None)
-    if ours is None:
-        return ["targets: no vlmtune QLoRA configuration ran"]
-    lines = [f"targets, measured on {ours['config']}:"]
-
-    def check(label, value, goal, met):
-        lines.append(f"  {'MET   ' if met else 'MISSED'} {label}: {value:.2f} (goal {goal})")
-
-    if "unsloth" in ok:
-        u = ok["unsloth"]
-        check(
-            "tokens/s ÷ unsloth",
-            ours["tokens_per_s"] / u["tokens_per_s"],
-            ">= 1.5",
-            ours["tokens_per_s"] >= 1.5 * u["tokens_per_s"],
-        )
-        if ours.get("peak_alloc_gib") and u.get("peak_alloc_gib"):
-            ratio = ours["peak_alloc_gib"] / u["peak_alloc_gib"]
-            check("peak alloc ÷ unsloth", ratio, "<= 1.0", ratio <= 1.0)
-    if "hf_qlora" in ok and ours.get("peak_alloc_gib") and ok["hf_qlora"].get("peak_alloc_gib"):
-        ratio = ours["peak_alloc_gib"] / ok["hf_qlora"]["peak_alloc_gib"]
-        check("peak alloc ÷ hf_qlora", ratio, "<= 0.5", ratio <= 0.5)
-    offload = ok.get("vlmtune_qlora_kernels_offload")
-    if offload and "unsloth" in ok and offload.get("peak_alloc_gib") and ok["unsloth"].get("peak_alloc_gib"):
-        ratio = offload["peak_alloc_gib"] / ok["unsloth"]["peak_alloc_gib"]
-        check("peak alloc with offload ÷ unsloth", ratio, "<= 1.0", ratio <= 1.0)
-    check("warm-up s", ours["warmup_s"], "< 30", ours["warmup_s"] < 30)
-    frozen = ok.get(ours["config"] + ":frozen")
-    if frozen:
-        ratio = frozen["step_s"] / ours["step_s"]
-        check("step s, vision frozen ÷ vision LoRA", ratio, "< 1.0", ratio < 1.0)
-    return lines
+# --------------------------------------------------------------------------------------------------- output
 
 
 def device_slug(name: str) -> str:
@@ -259,12 +183,17 @@ def write(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> No
 
 
 def benchmark(args) -> list[dict[str, Any]]:
-    """Every configuration once, side by side; returns the records."""
+    """Every configuration once, side by side (profiling those in ``args.profile``); returns the records."""
     from benchmarks.train_step_data import CONFIGS, split_name
+    from benchmarks.train_step_report import add_ratios, fmt, step_table, table, targets
 
     started = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _log.append(Path(args.out) / f"{args.model}_{args.shape}.log")
+    say(f"$ {' '.join(['python', 'benchmarks/train_step.py', *sys.argv[1:]])}")
     prepared = prepare(args, args.batch)
-    print(f"prepared {args.model} on {prepared['device_name']}: {json.dumps(prepared['data'])}", file=sys.stderr)
+    say(f"prepared {args.model} on {prepared['device_name']} in {prepared['wall_s']:.0f} s")
+    say(f"data: {json.dumps(prepared['data'])}")
     meta = _meta(args, prepared)
     path = Path(args.out) / f"{args.model}_{args.shape}_{device_slug(prepared['device_name'])}.json"
     results: list[dict[str, Any]] = []
@@ -280,22 +209,29 @@ def benchmark(args) -> list[dict[str, Any]]:
         elif left is not None and left < 30:
             record = {"config": name, "status": "skipped", "reason": f"--time-budget {args.time_budget} s spent"}
         else:
-            record = run_config(args, name, prepared, left)
+            record = run_config(args, name, prepared, left, profile=name in args.profile)
         results.append(record)
         add_ratios(results)
         write(path, meta, results)  # after each configuration, so a killed run keeps what it measured
-        print(f"{name}: {record.get('status')} {_fmt(record.get('tokens_per_s'), 0)} tok/s", file=sys.stderr)
-    print(f"\n{args.model}, {args.shape} shape, batch {args.batch}, {prepared['device_name']}\n")
-    print(table(results))
-    print("\n" + "\n".join(targets(results)))
-    print(f"\nraw records: {path}")
+        profile = record.get("profile", {})
+        line = f"{name}: {record.get('status')} {fmt(record.get('tokens_per_s'), 0)} tok/s"
+        line += f" ({fmt(record.get('wall_s'), 0)} s)"
+        say(line + (f"; profile {profile.get('status')} {profile.get('reason', '')}" if profile else ""))
+    say(f"\n{args.model}, {args.shape} shape, batch {args.batch}, {prepared['device_name']}\n", sys.stdout)
+    say(table(results), sys.stdout)
+    say("\n" + "\n".join(targets(results)), sys.stdout)
+    for record in results:
+        if record.get("profile", {}).get("status") == "ok":
+            say(f"\nwhere the time goes, {record['config']}:\n", sys.stdout)
+            say(step_table(record["profile"], record.get("step_s")), sys.stdout)
+    say(f"\nraw records: {path} (total {time.perf_counter() - started:.0f} s)", sys.stdout)
     return results
 
 
 def _fits(args, name: str, batch: int, limit: float) -> bool:
     prepared = prepare(args, batch)
     record = run_config(args, name, prepared, None, warmup=1, steps=1, memory_limit_gib=limit)
-    print(f"{name} batch {batch} in {limit} GiB: {record.get('status')}", file=sys.stderr)
+    say(f"{name} batch {batch} in {limit} GiB: {record.get('status')}")
     return record.get("status") == "ok"
 
 
@@ -317,7 +253,7 @@ def max_batch(args) -> dict[str, dict[str, int]]:
                 mid = (low + high) // 2
                 low, high = (mid, high) if _fits(args, name, mid, limit) else (low, mid)
             found[name][f"{limit:g}GiB"] = low
-            print(f"{name}: largest batch in {limit:g} GiB = {low}", file=sys.stderr)
+            say(f"{name}: largest batch in {limit:g} GiB = {low}")
     prepared = prepare(args, args.batch)
     path = Path(args.out) / f"{args.model}_{args.shape}_{device_slug(prepared['device_name'])}_maxbatch.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +270,9 @@ def _meta(args, prepared: dict[str, Any]) -> dict[str, Any]:
         "warmup": args.warmup,
         "steps": args.steps,
         "vision": args.vision,
+        "suite": args.suite,
+        "profile": args.profile,
+        "time_budget": args.time_budget,
         "device": prepared["device_name"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
@@ -396,6 +335,7 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--vision", default="lora")
     parser.add_argument("--memory-limit-gib", type=float, default=None)
+    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler after timing")
     args = parser.parse_args(argv)
     if args.config.startswith("unsloth"):
         # Unsloth patches transformers and peft at import: it must come before them (its own instructions).
@@ -410,7 +350,7 @@ def worker_main(argv: list[str]) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from benchmarks.train_step_data import MODELS, VISION_MODES, split_name
+    from benchmarks.train_step_data import MODELS, SUITES, VISION_MODES, split_name
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
@@ -418,10 +358,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--configs", default=None, help="comma-separated; default: all (CPU: the CPU-capable ones)")
     parser.add_argument("--vision", default="lora", choices=VISION_MODES, help="vision tower of every config")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Unsloth compiles in 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="",
+        default=None,
+        help="configurations to profile one step of after their timed steps (comma-separated; alone: "
+        f"{','.join(PROFILE_CONFIGS)}, on the CPU {','.join(CPU_PROFILE_CONFIGS)}); run even if not in --configs",
+    )
+    parser.add_argument("--suite", default=None, choices=sorted(SUITES), help="a fixed set of runs (SUITES)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
-    parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON records")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON records and the log")
     parser.add_argument("--cache", default="/tmp/vlmtune-bench", help="checkpoints and batches, built once")
     parser.add_argument("--peer-site", default="/tmp/peer-site", help="site folder holding Unsloth")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later configs are skipped")
@@ -429,12 +378,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-batch-limits", default="24,80", help="GiB, comma-separated")
     parser.add_argument("--max-batch-cap", type=int, default=128)
     args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    if args.suite is not None:
+        suite = SUITES[args.suite].get(args.model)
+        if suite is None:
+            parser.error(f"--suite {args.suite} has no runs for {args.model}; it has {sorted(SUITES[args.suite])}")
+        # The suite's settings fill in what the command line left open.
+        args.configs = args.configs if args.configs is not None else ",".join(suite.configs)
+        args.profile = args.profile if args.profile is not None else ",".join(suite.profile)
+        args.warmup = args.warmup if args.warmup is not None else suite.warmup
+        args.steps = args.steps if args.steps is not None else suite.steps
+        args.time_budget = args.time_budget if args.time_budget is not None else suite.time_budget
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.steps = 5 if args.steps is None else args.steps
+    if args.profile == "":
+        args.profile = ",".join(CPU_PROFILE_CONFIGS if cpu else PROFILE_CONFIGS)
+    args.profile = _names(args.profile or "")
     if args.configs is None:
         if args.max_batch:
             args.configs = "hf_qlora,vlmtune_qlora,vlmtune_qlora_kernels"
+        elif args.profile:
+            args.configs = ""
         else:
-            args.configs = ",".join(CPU_CONFIGS if args.device == "cpu" else DEFAULT_CONFIGS)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+            args.configs = ",".join(CPU_CONFIGS if cpu else DEFAULT_CONFIGS)
+    args.configs = _names(args.configs)
+    args.configs += [name for name in args.profile if name not in args.configs]
     for name in args.configs:
         try:
             split_name(name)
@@ -446,21 +414,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def report_main(argv: list[str]) -> int:
-    """``train_step.py report FILE.json ...``: the table and targets of recorded runs, ratios recomputed."""
-    for name in argv:
-        data = json.loads(Path(name).read_text())
-        meta, results = data["meta"], data["results"]
-        add_ratios(results)
-        print(f"{meta['model']}, {meta['shape']} shape, batch {meta['batch']}, {meta['device']}, {meta['date']}\n")
-        print(table(results))
-        print("\n" + "\n".join(targets(results)) + "\n")
-    return 0
+def _names(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "report":
+        from benchmarks.train_step_report import report_main
+
         return report_main(argv[1:])
     if argv and argv[0] == "prepare":
         return prepare_main(argv[1:])

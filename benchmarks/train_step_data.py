@@ -243,6 +243,45 @@ CONFIGS: dict[str, BenchConfig] = {
 VISION_MODES = ("lora", "frozen")
 
 
+@dataclass(frozen=True)
+class Suite:
+    """A fixed set of runs of one model in one call of ``train_step.py --suite NAME``.
+
+    Attributes:
+        configs: the configurations, in the order they run (the ones that matter most first: a spent
+            ``time_budget`` skips the last).
+        profile: the configurations that also profile one step after their timed ones (``--profile``).
+        warmup: untimed steps before the timed ones.
+        steps: timed steps.
+        time_budget: seconds for the whole call, checkpoint building included (``--time-budget``).
+    """
+
+    configs: tuple[str, ...]
+    profile: tuple[str, ...]
+    warmup: int = 2
+    steps: int = 3
+    time_budget: float | None = None
+
+
+_PROFILED = ("vlmtune_qlora_kernels", "hf_qlora")
+# "final": three models in one device call of under 8 minutes (budgets 150 + 125 + 190 s): ours and the
+# baseline, both profiled, on each model, plus the no-upcast and bf16 comparisons on Qwen2.5-VL-3B. Sized on
+# the H100 records of 2026-11-22: building and saving a checkpoint 7-26 s (prepare 13-30 s), one
+# configuration's process 26-40 s with 6 steps, to which the profiled step and its summary add ~10 s.
+SUITES: dict[str, dict[str, Suite]] = {
+    "final": {
+        "qwen2_5_vl-7b": Suite(_PROFILED, _PROFILED, time_budget=150),
+        "gemma3-4b": Suite(_PROFILED, _PROFILED, time_budget=125),
+        "qwen2_5_vl-3b": Suite(
+            (*_PROFILED, "hf_qlora_noupcast", "vlmtune_bf16_kernels", "hf_bf16"), _PROFILED, time_budget=190
+        ),
+        # The CPU stand-in (tests): the bf16 pair, both profiled.
+        "tiny-qwen": Suite(("vlmtune_bf16", "hf_bf16"), ("vlmtune_bf16", "hf_bf16"), warmup=1, steps=1),
+        "tiny-gemma": Suite(("vlmtune_bf16", "hf_bf16"), ("vlmtune_bf16", "hf_bf16"), warmup=1, steps=1),
+    },
+}
+
+
 def split_name(name: str) -> tuple[str, str | None]:
     """``"vlmtune_qlora:frozen"`` → ``("vlmtune_qlora", "frozen")``; no suffix → ``(name, None)``."""
     base, _, vision = name.partition(":")

@@ -5,11 +5,13 @@ configuration's own) and reads the one ``@@RESULT`` JSON line it prints. Every c
 loop on the same batches — forward, backward, optimizer step, ``zero_grad`` — under bf16 autocast on CUDA
 (fp32 on the CPU), with fused AdamW at lr 2e-4 over the trainable parameters: differences come from the model
 setup alone. Unsloth's configurations import ``unsloth`` before this module (its patches must precede
-transformers), which ``train_step.py`` does.
+transformers), which ``train_step.py`` does. With ``--profile`` one more step runs after the timed ones, under
+the profiler (``train_step_profile.py``), and its summary goes into the record's ``profile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.train_step_data import CONFIGS, HF_PROCESSOR_KEYS, MODELS, BenchConfig, ModelSpec, split_name
+from benchmarks.train_step_profile import profile_step
 
 RESULT_PREFIX = "@@RESULT "
 LORA_R = LORA_ALPHA = 16
@@ -180,24 +183,43 @@ def _peak(device: str) -> dict[str, float | None]:
     }
 
 
-def train_loop(model, batches, keys, device: str, warmup: int, steps: int, load_start: float, result: dict) -> None:
+def _no_range(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, inputs: dict[str, torch.Tensor], cuda: bool, mark: Callable = _no_range) -> float:
+    """One step of the loop: forward (bf16 autocast on CUDA), backward, AdamW step, ``zero_grad``; the loss.
+
+    ``mark(name)`` wraps the forward, the backward and the optimizer step: a no-op in the timed steps, the
+    profiler's ranges in the profiled one (``train_step_profile.StepRanges``).
+    """
+    with mark("forward"), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        loss = model(**inputs).loss
+    with mark("backward"):
+        loss.backward()
+    with mark("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach().float().item())
+
+
+def _inputs(batch: dict[str, torch.Tensor], keys: set[str], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in keys}
+
+
+def train_loop(
+    model, optimizer, batches, keys, device: str, warmup: int, steps: int, load_start: float, result: dict
+) -> None:
     """The one loop every configuration runs; fills ``result`` as it goes (so an OOM keeps what was measured)."""
     cuda = device.startswith("cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, fused=cuda or None)
     model.train()
     losses, times, tokens, images = [], [], [], []
     for step in range(warmup + steps):
         batch = batches[step % len(batches)]
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in keys}
+        inputs = _inputs(batch, keys, device)
         _sync(device)
         start = time.perf_counter()
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach().float().item())
+        value = train_step(model, optimizer, inputs, cuda)
         _sync(device)
         end = time.perf_counter()
         losses.append(value)
@@ -217,6 +239,20 @@ def train_loop(model, batches, keys, device: str, warmup: int, steps: int, load_
     result["loss_first"], result["loss_last"] = losses[0], losses[-1]
 
 
+def profile_after(model, optimizer, batch, keys, device: str) -> dict[str, Any]:
+    """One more step, under the profiler with the tower hooks (``train_step_profile``), after the timed ones."""
+    from vlmtune.adapters import detect
+
+    try:
+        adapter = detect(model.config)
+        inputs = _inputs(batch, keys, device)
+        cuda = device.startswith("cuda")
+        return profile_step(model, adapter, device, lambda mark: train_step(model, optimizer, inputs, cuda, mark))
+    except Exception as err:  # a failed profile leaves the configuration's timed figures standing
+        reason = f"{type(err).__name__}: {err}"[:1000]
+        return {"status": "error", "reason": reason, "traceback": traceback.format_exc()[-3000:]}
+
+
 def _count_images(batch: dict[str, torch.Tensor]) -> int:
     if "image_grid_thw" in batch:
         return int(batch["image_grid_thw"].shape[0])
@@ -233,8 +269,13 @@ def run(
     steps: int,
     vision: str,
     memory_limit_gib: float | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Set configuration ``name`` up and train; return the result record (``status``: ok / oom / n/a / error)."""
+    """Set configuration ``name`` up and train; return the result record (``status``: ok / oom / n/a / error).
+
+    With ``profile``, one more step runs after the timed ones under the profiler (``result["profile"]``); the
+    peak memory figures are taken before it.
+    """
     base, suffix = split_name(name)
     vision = suffix or vision
     cfg, spec = CONFIGS[base], MODELS[model_name]
@@ -257,8 +298,15 @@ def run(
         result.update(_lora_counts(model))
         if device.startswith("cuda"):
             result["memory_after_load_gib"] = torch.cuda.memory_allocated() / GIB
-        train_loop(model, batches, keys, device, warmup, steps, load_start, result)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=LR, fused=device.startswith("cuda") or None
+        )
+        train_loop(model, optimizer, batches, keys, device, warmup, steps, load_start, result)
         result["status"] = "ok"
+        result.update(_peak(device))
+        if profile:
+            batch = batches[(warmup + steps) % len(batches)]
+            result["profile"] = profile_after(model, optimizer, batch, keys, device)
     except NotAvailable as err:
         result.update(status="n/a", reason=str(err))
     except torch.OutOfMemoryError as err:
@@ -266,7 +314,8 @@ def run(
     except Exception as err:  # the driver reports any failure of one configuration and goes on
         result.update(status="error", reason=f"{type(err).__name__}: {err}"[:1000])
         result["traceback"] = traceback.format_exc()[-4000:]
-    result.update(_peak(device))
+    for key, value in _peak(device).items():
+        result.setdefault(key, value)
     return result
 
 
@@ -283,6 +332,7 @@ def main(args) -> int:
         args.steps,
         args.vision,
         args.memory_limit_gib,
+        args.profile,
     )
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0

@@ -1,8 +1,17 @@
 """Shared fixtures: tiny checkpoints of every family, built once per test session (offline, a few seconds)."""
 
-import pytest
+import os
 
-from vlmtune.tiny import build
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and collecting any test that imports transformers' models
+# imports it: set it here, before anything else, so CPU runs interpret the kernels (the Makefile sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vlmtune.tiny import build  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
 """The `vlmtune` command: demo, train, export (merge), generate, eval, make-data.
 
-    vlmtune demo                                            # tiny model, generated data, CPU, ~2 minutes
-    vlmtune make-data latex-ocr --n 2000 --out data/latex_ocr --seed 0
-    vlmtune train --model PATH --data DIR --out OUT [--qlora] ...   # runs recipes/latex_ocr.py
-    vlmtune export --adapter OUT --merged MERGED [--base PATH]       # merge LoRA into a 16-bit checkpoint
-    vlmtune generate --adapter OUT --image formula.png [--prompt TEXT]
-    vlmtune eval --adapter OUT --data DIR [--n 100]
-    vlmtune tiny --family qwen2_5_vl --out tiny/qwen
+vlmtune demo                                            # tiny model, generated data, CPU, ~2 minutes
+vlmtune make-data latex-ocr --n 2000 --out data/latex_ocr --seed 0
+vlmtune train --model PATH --data DIR --out OUT [--qlora] ...   # runs recipes/latex_ocr.py
+vlmtune export --adapter OUT --merged MERGED [--base PATH]       # merge LoRA into a 16-bit checkpoint
+vlmtune generate --adapter OUT --image formula.png [--prompt TEXT]
+vlmtune eval --adapter OUT --data DIR [--n 100]
+vlmtune tiny --family qwen2_5_vl --out tiny/qwen
 """
 
 from __future__ import annotations

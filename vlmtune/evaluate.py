@@ -1,7 +1,7 @@
 """Generation and OCR metrics: exact match, character error rate, BLEU-4.
 
-    predictions = generate(model, processor, rows, max_new_tokens=128)
-    scores = ocr_metrics(predictions, [answer_of(r) for r in rows])
+predictions = generate(model, processor, rows, max_new_tokens=128)
+scores = ocr_metrics(predictions, [answer_of(r) for r in rows])
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load a local checkpoint as model + processor + adapter, in 16-bit or quantised.
 
-    model, processor, adapter = vlmtune.load("path/to/checkpoint", quant="nf4")
+model, processor, adapter = vlmtune.load("path/to/checkpoint", quant="nf4")
 """
 
 from __future__ import annotations

@@ -99,9 +99,7 @@ def sentencepiece_style_tokenizer(special_tokens: list[str], bos: str, vocab_siz
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"▁?[^▁]+|▁"), behavior="isolated")
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special_tokens + [f"<0x{i:02X}>" for i in range(256)],
@@ -610,10 +608,59 @@ def build_minicpmv4_6(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+# ------------------------------------------------------------------------------- MiniCPM-V 2.6 (remote layout)
+
+# The Qwen2 chat format of MiniCPM-V 2.6's tokenizer: string contents only (its chat() joins a message's parts
+# with newlines, images written as "(<image>./</image>)"), and a default system turn.
+MINICPMV_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_minicpmv(out: Path) -> None:
+    """Tiny MiniCPM-V 2.6 in the released layout (``vpm`` / ``resampler`` / ``llm``, flat config): 2-layer
+    SigLIP (32 wide, patch 14), 64-query resampler, 2-layer Qwen2 (64 wide); views of about 112x112 px."""
+    from vlmtune.adapters.minicpmv import MiniCPMVProcessor
+    from vlmtune.models.minicpmv import MiniCPMV, tiny_minicpmv_config
+
+    specials = _QWEN_SPECIALS + _MINICPMV_MARKERS
+    tok = byte_level_tokenizer(specials)
+    _save_tokenizer(
+        tok,
+        out,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        model_max_length=4096,
+        chat_template=MINICPMV_CHAT_TEMPLATE,
+    )
+    ids = {t: tok.token_to_id(t) for t in specials}
+    slicing = {"max_slice_nums": 9, "scale_resolution": 112, "patch_size": 14}
+    config = tiny_minicpmv_config(
+        tok.get_vocab_size(),
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        version=2.6,
+        slice_config=slicing,
+    )
+    _save_model(MiniCPMV(config), out)
+    from transformers import PreTrainedTokenizerFast
+
+    MiniCPMVProcessor(PreTrainedTokenizerFast.from_pretrained(out), **slicing).save_pretrained(out)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
     "qwen3_vl": build_qwen3_vl,
     "gemma3": build_gemma3,
     "minicpmv4_6": build_minicpmv4_6,
+    "minicpmv": build_minicpmv,
 }

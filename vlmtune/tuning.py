@@ -175,12 +175,7 @@ def _is_linear(module: torch.nn.Module) -> bool:
 
 def full_tower_modules(adapter: Adapter, config: TuningConfig) -> list[str]:
     """Module prefixes trained in full (``modules_to_save``): ``"full"`` towers plus the user's extras."""
-    full = [
-        p
-        for t in ("vision", "projector", "language")
-        if getattr(config, t) == "full"
-        for p in adapter.towers[t]
-    ]
+    full = [p for t in ("vision", "projector", "language") if getattr(config, t) == "full" for p in adapter.towers[t]]
     return full + list(config.modules_to_save)
 
 
@@ -252,9 +247,7 @@ def _freeze_nested_frozen_towers(model: torch.nn.Module, adapter: Adapter, confi
         if not param.requires_grad or ".lora_" in name:
             continue
         base_name = original_name(name)
-        if any(
-            base_name == e or base_name.startswith(e + ".") or f".{e}." in f".{base_name}" for e in extras
-        ):
+        if any(base_name == e or base_name.startswith(e + ".") or f".{e}." in f".{base_name}" for e in extras):
             continue
         tower = adapter.tower_of(base_name)
         if tower is not None and getattr(config, tower) == "frozen":

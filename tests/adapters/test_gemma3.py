@@ -74,9 +74,7 @@ def reference(processor, messages, images, **kwargs):
 
 
 def collate(collator, *rows):
-    return collator(
-        [{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)]
-    )
+    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):
@@ -210,9 +208,7 @@ def test_labels_cover_exactly_answer_and_end_of_turn(collator, processor):
     answer = r"\frac{a}{b} + \sqrt{x}"
     enc = collator.encode({"messages": single("Write the LaTeX.", answer), "images": [noise((50, 20))]}, 0)
 
-    prefix = (
-        "<bos><start_of_turn>user\n" + IMAGE_TEXT + "Write the LaTeX.<end_of_turn>\n<start_of_turn>model\n"
-    )
+    prefix = "<bos><start_of_turn>user\n" + IMAGE_TEXT + "Write the LaTeX.<end_of_turn>\n<start_of_turn>model\n"
     prefix_ids, answer_ids = ids_of(processor, prefix), ids_of(processor, answer)
     end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
     newline = ids_of(processor, "\n")
@@ -245,10 +241,7 @@ def test_multi_turn_labels_supervise_both_answers_not_the_user_between(collator,
     s2 = s1 + len(x1) + 1 + len(p2)
     expected = list(range(s1, s1 + len(x1) + 1)) + list(range(s2, s2 + len(x2) + 1))
     assert [i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX] == expected
-    assert (
-        tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
-        == a1 + "<end_of_turn>" + a2 + "<end_of_turn>"
-    )
+    assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == a1 + "<end_of_turn>" + a2 + "<end_of_turn>"
 
 
 def test_padding_positions_are_ignored_and_masked(collator, processor, config):

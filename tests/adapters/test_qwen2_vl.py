@@ -73,9 +73,7 @@ def reference(processor, messages, images, **image_kwargs):
 
 
 def collate(collator, *rows):
-    return collator(
-        [{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)]
-    )
+    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):
@@ -137,7 +135,7 @@ def test_pixel_options_match_processor(processor, config, options, grids):
     images = [noise((1000, 700), 1), noise((20, 20), 2)]
     messages = single("Two images.", "ok", n_images=2)
     batch = collate(collator, (messages, images))
-    # `size` works on every transformers 5.x; a lone min_pixels/max_pixels call kwarg is ignored before 5.19.
+    # `size` works on every transformers 5.x; 5.17 ignores a lone min_pixels or max_pixels call kwarg.
     size = {"shortest_edge": options.get("min_pixels", 56 * 56), "longest_edge": options.get("max_pixels", 224 * 224)}
     assert_matches_processor(batch, reference(processor, messages, images, size=size))
     assert batch["image_grid_thw"].tolist() == grids
@@ -268,7 +266,10 @@ TRAINABLE = {
     "projector_full": (
         dict(vision="frozen", projector="full", attention=False),
         lora_params(language(0, "mlp") + language(1, "mlp"))
-        | {MERGER_COPY + p for p in ("ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")},
+        | {
+            MERGER_COPY + p
+            for p in ("ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+        },
     ),
 }
 

@@ -73,9 +73,7 @@ def reference(processor, messages, images, **image_kwargs):
 
 
 def collate(collator, *rows):
-    return collator(
-        [{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)]
-    )
+    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):
@@ -169,7 +167,12 @@ def ids_of(processor, text: str) -> list[int]:
 def test_labels_cover_exactly_answer_and_im_end_with_no_default_system(collator, processor):
     tok = processor.tokenizer
     a1, a2 = r"\frac{a}{b}+\sqrt{x}", "Yes."
-    messages = [turn("user", "Write the LaTeX.", 1), turn("assistant", a1), turn("user", "Sure?"), turn("assistant", a2)]
+    messages = [
+        turn("user", "Write the LaTeX.", 1),
+        turn("assistant", a1),
+        turn("user", "Sure?"),
+        turn("assistant", a2),
+    ]
     enc = collator.encode({"messages": messages, "images": [noise((64, 64))]}, 0)
 
     # No system turn; 64x64 -> grid 1x4x4 -> 4 image pads.
@@ -288,13 +291,23 @@ def lora_params(names: list[str]) -> set[str]:
 
 
 def merger_copy(prefix: str) -> set[str]:
-    params = ("norm.weight", "norm.bias", "linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
+    params = (
+        "norm.weight",
+        "norm.bias",
+        "linear_fc1.weight",
+        "linear_fc1.bias",
+        "linear_fc2.weight",
+        "linear_fc2.bias",
+    )
     return {f"base_model.model.model.visual.{prefix}.modules_to_save.default.{p}" for p in params}
 
 
 TRAINABLE = {
     "language_only": (dict(vision="frozen"), lora_params(L_ALL)),
-    "both_last_layer": (dict(last_n_layers=1), lora_params(vision(1, "attention") + vision(1, "mlp") + language(1, "attention") + language(1, "mlp")),),
+    "both_last_layer": (
+        dict(last_n_layers=1),
+        lora_params(vision(1, "attention") + vision(1, "mlp") + language(1, "attention") + language(1, "mlp")),
+    ),
     "projector_full": (
         dict(vision="frozen", projector="full", mlp=False),
         lora_params(language(0, "attention") + language(1, "attention"))

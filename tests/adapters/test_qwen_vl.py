@@ -59,15 +59,11 @@ def model(tiny_qwen):
 
 def reference(processor, messages, images):
     text = processor.apply_chat_template(messages, tokenize=False)
-    return processor(
-        text=[text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt"
-    )
+    return processor(text=[text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt")
 
 
 def collate(collator, *rows):
-    return collator(
-        [{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)]
-    )
+    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):
@@ -127,7 +123,12 @@ def test_pixel_options_match_processor(processor, config, options, grids):
     messages = single("Two images.", "ok", n_images=2)
     batch = collate(collator, (messages, images))
     text = processor.apply_chat_template(messages, tokenize=False)
-    ref = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt", **options)
+    # The reference call states both bounds through `size`: transformers 5.17 ignores a lone min/max_pixels kwarg.
+    size = {
+        "shortest_edge": options.get("min_pixels", processor.image_processor.size["shortest_edge"]),
+        "longest_edge": options.get("max_pixels", processor.image_processor.size["longest_edge"]),
+    }
+    ref = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt", size=size)
     assert_matches_processor(batch, ref)
     assert batch["image_grid_thw"].tolist() == grids
 
@@ -216,9 +217,7 @@ def test_labels_cover_exactly_answer_and_im_end(collator, processor):
     assert supervised == list(range(start, stop))
     assert stop == len(enc.input_ids) - 1
     assert enc.labels[start:stop] == enc.input_ids[start:stop]
-    assert (
-        tok.decode(enc.input_ids[start - 1]) == "\n"
-    )  # the prompt's newline after "assistant" is not supervised
+    assert tok.decode(enc.input_ids[start - 1]) == "\n"  # the prompt's newline after "assistant" is not supervised
     assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == answer + "<|im_end|>"
 
 
@@ -384,10 +383,7 @@ TRAINABLE = {
     "projector_full": (
         dict(vision="frozen", projector="full", mlp=False),
         lora_params(L0_ATTN + L1_ATTN)
-        | {
-            MERGER_COPY + p
-            for p in ("ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
-        },
+        | {MERGER_COPY + p for p in ("ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")},
     ),
 }
 
@@ -456,11 +452,7 @@ def test_trained_projector_inside_frozen_vision_still_gets_grads(tiny_qwen, coll
     init_lora_b(peft_model)
     peft_model.train()
     peft_model(**vision_batch(collator)).loss.backward()
-    merger = {
-        n: p
-        for n, p in peft_model.named_parameters()
-        if n.startswith(MERGER_COPY) or n in lora_params(MERGER)
-    }
+    merger = {n: p for n, p in peft_model.named_parameters() if n.startswith(MERGER_COPY) or n in lora_params(MERGER)}
     assert len(merger) == trained
     for name, param in merger.items():
         assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name

@@ -1,5 +1,7 @@
-"""CPU smoke test of benchmarks/train_step.py: the harness runs end to end on a tiny model (no timing asserted)."""
+"""CPU smoke test of benchmarks/train_step.py: the harness runs end to end on a tiny model (no timing asserted),
+profile and report included; the profile's arithmetic on CUDA-shaped events; the suites' settings."""
 
+import importlib
 import importlib.util
 import json
 import math
@@ -11,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "train_step.py"
+PARTS = ("vision tower", "projector", "forward", "language tower", "loss/head", "backward", "optimizer", "step")
 FIELDS = (
     "step_s",
     "tokens_per_s",
@@ -35,14 +38,21 @@ def _load_script(monkeypatch):
     return module
 
 
+def _helpers(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
 def test_harness_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--model", "tiny-qwen", "--shape", "fixed", "--device", "cpu"]
     cmd += ["--configs", "hf_bf16,vlmtune_bf16,hf_qlora,unsloth", "--batch", "2", "--warmup", "0", "--steps", "2"]
-    cmd += ["--out", str(out), "--cache", str(tmp_path / "cache")]
+    cmd += ["--out", str(out), "--cache", str(tmp_path / "cache"), "--profile"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| configuration |" in run.stdout
+    assert "where the time goes, vlmtune_bf16" in run.stdout and "| kernel kind |" in run.stdout
+    assert "| configuration |" in (out / "tiny-qwen_fixed.log").read_text()
 
     data = json.loads((out / "tiny-qwen_fixed_cpu.json").read_text())
     assert data["meta"]["model"] == "tiny-qwen" and data["meta"]["data"]["batch_size"] == 2
@@ -60,9 +70,41 @@ def test_harness_runs_end_to_end_on_cpu(tmp_path):
     # bitsandbytes 4-bit and Unsloth need CUDA: reported, not run.
     assert results["hf_qlora"]["status"] == results["unsloth"]["status"] == "skipped"
 
+    # --profile alone on the CPU profiles the bf16 pair: one more step, every range entered once (Qwen-VL's
+    # projector, the merger, inside its vision tower), exclusive times that add up to the step.
+    for name in ("hf_bf16", "vlmtune_bf16"):
+        profile = results[name]["profile"]
+        assert profile["status"] == "ok", profile.get("traceback")
+        assert len(results[name]["losses"]) == 2  # the profiled step is not one of the timed ones
+        parts = {p["part"]: p for p in profile["parts"]}
+        assert tuple(parts) == PARTS and all(p["calls"] == 1 for p in parts.values())
+        assert all(p["wall_ms"] >= 0 and p["device_ms"] >= 0 for p in parts.values())
+        named = sum(p["wall_ms"] for n, p in parts.items() if n != "step")
+        assert 0 < named <= profile["step_ms"] and sum(p["wall_ms"] for p in parts.values()) == pytest.approx(
+            profile["step_ms"]
+        )
+        assert parts["vision tower"]["wall_ms"] > 0 and parts["language tower"]["wall_ms"] > 0
+        assert parts["backward"]["wall_ms"] > 0
+        assert sum(k["ms"] for k in profile["kinds"]) == pytest.approx(profile["device_busy_ms"])
+        assert {k["kind"]: k["ms"] for k in profile["kinds"]}["GEMM"] > 0  # aten::mm on the CPU
+
+    # The report fills BENCHMARKS.md's generated blocks and leaves the prose around them.
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text(
+        "intro\n<!-- report:results -->\nold\n<!-- /report:results -->\nmiddle\n"
+        "<!-- report:profile -->\nold\n<!-- /report:profile -->\nend\n"
+    )
+    report = [sys.executable, str(SCRIPT), "report", "--write", str(page), str(out / "tiny-qwen_fixed_cpu.json")]
+    run = subprocess.run(report, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = page.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n") and "old" not in text
+    assert "### tiny-qwen, fixed shape (batch 2" in text and "| hf_bf16 |" in text
+    assert "| tiny-qwen fixed `vlmtune_bf16` |" in text and "vision tower (projector excluded)" in text
+
 
 def test_ratios_and_targets(monkeypatch):
-    script = _load_script(monkeypatch)
+    script = _helpers(monkeypatch, "train_step_report")
 
     def ok(name, tokens, memory):
         return {
@@ -94,3 +136,157 @@ def test_ratios_and_targets(monkeypatch):
     assert any(line.strip().startswith("MET") and "÷ unsloth: 1.60" in line for line in lines)
     assert any(line.strip().startswith("MET") and "÷ hf_qlora: 0.40" in line for line in lines)
     assert "n/a: liger-kernel is not importable" in script.table(results)
+
+
+class _Event:
+    """A stand-in for the profiler's ``_KinetoEvent``: times in ms (stored in ns)."""
+
+    def __init__(self, name, start_ms, end_ms, cuda=False, annotation=False, thread=1):
+        self._name, self._start, self._end = name, int(start_ms * 1e6), int(end_ms * 1e6)
+        self._cuda, self._annotation, self._thread = cuda, annotation, thread
+
+    def name(self):
+        return self._name
+
+    def start_ns(self):
+        return self._start
+
+    def end_ns(self):
+        return self._end
+
+    def duration_ns(self):
+        return self._end - self._start
+
+    def device_type(self):
+        import torch
+
+        return torch.autograd.DeviceType.CUDA if self._cuda else torch.autograd.DeviceType.CPU
+
+    def is_user_annotation(self):
+        return self._annotation
+
+    def start_thread_id(self):
+        return self._thread
+
+
+def test_profile_summary_of_cuda_events(monkeypatch):
+    profile = _helpers(monkeypatch, "train_step_profile")
+    ranges = {
+        "step": (0, 1000),
+        "forward": (10, 500),
+        "vision tower": (20, 200),
+        "projector": (150, 190),  # inside the vision tower, as Qwen-VL's merger
+        "language tower": (250, 450),
+        "loss/head": (450, 500),
+        "backward": (510, 900),
+        "optimizer": (910, 990),
+    }
+    events = [_Event("bench/" + name, *span, annotation=True) for name, span in ranges.items()]
+    events += [
+        _Event("bench/forward", 10, 500, cuda=True, annotation=True),  # Kineto's GPU mirror of a range: not work
+        _Event("Optimizer.step#AdamW.step", 911, 989, annotation=True),  # a library's own range: not ours
+        _Event("aten::mm", 30, 40),  # host operators do not count on CUDA
+        _Event("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 30, 130, cuda=True),
+        _Event("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", 160, 180, cuda=True),
+        _Event("void at::native::vectorized_elementwise_kernel<4, bfloat16_copy_kernel_cuda>", 220, 230, cuda=True),
+        _Event("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", 260, 310, cuda=True),
+        _Event("_ce_chunk_kernel", 460, 490, cuda=True),
+        _Event("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 520, 820, cuda=True),
+        _Event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 920, 960, cuda=True),
+        _Event("Memcpy HtoD (Pageable -> Device)", 1500, 1510, cuda=True),  # after the step
+    ]
+    summary = profile.summarise(events, cuda=True)
+    parts = {p["part"]: p for p in summary["parts"]}
+    wall = {name: p["wall_ms"] for name, p in parts.items()}
+    assert wall == pytest.approx(
+        {
+            "vision tower": 140,
+            "projector": 40,
+            "forward": 60,
+            "language tower": 200,
+            "loss/head": 50,
+            "backward": 390,
+            "optimizer": 80,
+            "step": 40,
+        }
+    )
+    device = {name: p["device_ms"] for name, p in parts.items()}
+    assert device == pytest.approx(
+        {
+            "vision tower": 100,
+            "projector": 20,
+            "forward": 10,
+            "language tower": 50,
+            "loss/head": 30,
+            "backward": 300,
+            "optimizer": 40,
+            "step": 0,
+        }
+    )
+    assert summary["step_ms"] == pytest.approx(1000) and summary["device_busy_ms"] == pytest.approx(550)
+    assert summary["device_outside_step_ms"] == pytest.approx(10)
+    assert summary["device_busy_share"] == pytest.approx(0.55) and parts["backward"]["share"] == pytest.approx(0.39)
+    kinds = {k["kind"]: k["ms"] for k in summary["kinds"]}
+    assert kinds == pytest.approx(
+        {"dequantisation": 20, "attention": 50, "GEMM": 400, "copies/casts": 10, "other elementwise": 70}
+    )
+    assert summary["top_kernels"][0]["name"].startswith("nvjet") and summary["top_kernels"][0]["ms"] == 300
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)", "dequantisation"),
+        ("_dequantize_nf4_kernel", "dequantisation"),
+        ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("cutlass3x_sm90_tensorop_gemm_bf16", "GEMM"),
+        ("aten::mm", "GEMM"),
+        ("aten::_to_copy", "copies/casts"),
+        ("Memset (Device)", "copies/casts"),
+        ("void at::native::elementwise_kernel<128, 2, BroadcastOp>", "other elementwise"),
+        ("_rms_norm_fwd_kernel", "other elementwise"),
+    ],
+)
+def test_kernel_kinds(monkeypatch, name, kind):
+    assert _helpers(monkeypatch, "train_step_profile").kernel_kind(name) == kind
+
+
+def test_final_suite_settings(monkeypatch):
+    script = _load_script(monkeypatch)
+    args = script.parse_args(["--model", "qwen2_5_vl-3b", "--suite", "final", "--out", "/tmp/x"])
+    assert args.configs == [
+        "vlmtune_qlora_kernels",
+        "hf_qlora",
+        "hf_qlora_noupcast",
+        "vlmtune_bf16_kernels",
+        "hf_bf16",
+    ]
+    assert args.profile == ["vlmtune_qlora_kernels", "hf_qlora"]
+    assert (args.warmup, args.steps) == (2, 3) and args.time_budget > 0
+    args = script.parse_args(["--model", "gemma3-4b", "--suite", "final", "--steps", "4", "--time-budget", "99"])
+    assert args.configs == args.profile == ["vlmtune_qlora_kernels", "hf_qlora"]
+    assert (args.warmup, args.steps, args.time_budget) == (2, 4, 99)
+    # --profile alone runs just the profiled pair; profiled configurations join --configs.
+    assert script.parse_args(["--model", "gemma3-4b", "--profile"]).configs == ["vlmtune_qlora_kernels", "hf_qlora"]
+    args = script.parse_args(["--model", "gemma3-4b", "--configs", "hf_bf16", "--profile", "hf_qlora"])
+    assert args.configs == ["hf_bf16", "hf_qlora"] and args.profile == ["hf_qlora"]
+
+
+def test_real_size_qwen2_5_vl_3b_matches_the_release(monkeypatch):
+    data = _helpers(monkeypatch, "train_step_data")
+    spec = data.MODELS["qwen2_5_vl-3b"]
+    # Qwen/Qwen2.5-VL-3B-Instruct config.json
+    assert {k: spec.text[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")} == {
+        "hidden_size": 2048,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+    }
+    assert (spec.text["num_key_value_heads"], spec.text["intermediate_size"], spec.text["vocab_size"]) == (
+        2,
+        11008,
+        151936,
+    )
+    assert spec.top["tie_word_embeddings"] is True
+    assert (spec.vision["hidden_size"], spec.vision["depth"], spec.vision["out_hidden_size"]) == (1280, 32, 2048)
+    assert {"hf_bf16", "vlmtune_bf16", "vlmtune_bf16_kernels"} <= set(data.CONFIGS)

@@ -119,9 +119,7 @@ def test_expand_images_without_spans_or_placeholders():
 def test_expand_images_wrong_count_names_the_row(expansions):
     text = "U<img>Q|ans<img>|"
     spans = [(text.index("ans"), len(text) - 1)]
-    with pytest.raises(
-        DataError, match=rf"^row 7: the rendered prompt holds 1 image tag\(s\) for {len(expansions)}"
-    ):
+    with pytest.raises(DataError, match=rf"^row 7: the rendered prompt holds 1 image tag\(s\) for {len(expansions)}"):
         expand_images(text, spans, "<img>", expansions, 7)
 
 
@@ -145,9 +143,7 @@ def test_missing_image_file_names_the_row(collator, tmp_path):
         collator.encode(row(images=[str(missing)]), 3)
 
 
-@pytest.mark.parametrize(
-    "data", [b"not an image at all", png_bytes(noise((8, 8)))[:40]], ids=["garbage", "cut"]
-)
+@pytest.mark.parametrize("data", [b"not an image at all", png_bytes(noise((8, 8)))[:40]], ids=["garbage", "cut"])
 def test_corrupt_image_bytes_names_the_row(collator, data):
     with pytest.raises(DataError, match=r"^row 11: cannot decode image"):
         collator.encode(row(images=[data]), 11)

@@ -137,9 +137,7 @@ def test_parquet_schema_matches_hub_latex_ocr(dataset_dir):
         assert schema.names == ["image", "text"]
         assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
         assert schema.field("text").type == pa.string()
-        image_paths = (
-            pq.read_table(dataset_dir / f"{split}.parquet").column("image").combine_chunks().field("path")
-        )
+        image_paths = pq.read_table(dataset_dir / f"{split}.parquet").column("image").combine_chunks().field("path")
         assert image_paths.null_count == len(image_paths)
 
 

@@ -18,9 +18,7 @@ INSTRUCTION = "Write the LaTeX representation for this image."
 
 
 def needs_bundled(name: str):
-    return pytest.mark.skipif(
-        not (BUNDLED / f"{name}.yaml").exists(), reason=f"data_specs/{name}.yaml missing"
-    )
+    return pytest.mark.skipif(not (BUNDLED / f"{name}.yaml").exists(), reason=f"data_specs/{name}.yaml missing")
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +186,7 @@ def chat_dir(tmp_path):
     return tmp_path
 
 
-CHAT = dict(
-    name="chat", format="chat", source_type="jsonl", columns={"messages": "messages", "images": "images"}
-)
+CHAT = dict(name="chat", format="chat", source_type="jsonl", columns={"messages": "messages", "images": "images"})
 
 
 def test_jsonl_chat_rows_are_canonical(chat_dir):
@@ -226,9 +222,7 @@ def test_chat_parquet_with_image_list_stays_encoded(tmp_path):
             "messages": datasets.List(
                 {
                     "role": datasets.Value("string"),
-                    "content": datasets.List(
-                        {"type": datasets.Value("string"), "text": datasets.Value("string")}
-                    ),
+                    "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
                 }
             ),
             "images": datasets.List(datasets.Image()),

@@ -81,9 +81,7 @@ def test_return_logits(device, softcap):
     h, w, labels = _inputs(7, 48, 100, torch.float32, device)
     labels[0] = 1
     loss, logits = fused_linear_cross_entropy(h, w, labels, softcap=softcap, return_logits=True, chunk_size=2)
-    want_loss, want_logits = fused_linear_cross_entropy_reference(
-        h, w, labels, softcap=softcap, return_logits=True
-    )
+    want_loss, want_logits = fused_linear_cross_entropy_reference(h, w, labels, softcap=softcap, return_logits=True)
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(loss, want_loss, atol=atol, rtol=rtol)
     torch.testing.assert_close(logits, want_logits, atol=atol, rtol=rtol)

@@ -35,12 +35,15 @@ class ImageBatch:
             whose first dimension runs over images or patches so that samples concatenate along dim 0.
         infos: one dict per image with what the placeholder expansion needs (grid, number of crops, ...).
         cat_dims: the dimension each tensor concatenates along when samples are batched, where it is not 0
-            (MiniCPM-V packs every view's patches along the last dimension of one ``(1, C, P, L)`` tensor).
+            (MiniCPM-V 4.6 packs every view's patches along the last dimension of one ``(1, C, P, L)`` tensor).
+        pad_dims: a dimension along which each tensor is zero-padded at the end to the longest sample's size
+            before concatenating (MiniCPM-V 2.6's per-view patch strips differ in length).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     infos: list[dict[str, Any]] = field(default_factory=list)
     cat_dims: dict[str, int] = field(default_factory=dict)
+    pad_dims: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def cat(parts: list[ImageBatch]) -> ImageBatch:
@@ -48,9 +51,31 @@ class ImageBatch:
         parts = [p for p in parts if p.infos]
         if not parts:
             return ImageBatch()
-        keys, dims = parts[0].tensors.keys(), parts[0].cat_dims
-        tensors = {k: torch.cat([p.tensors[k] for p in parts], dim=dims.get(k, 0)) for k in keys}
-        return ImageBatch(tensors=tensors, infos=[i for p in parts for i in p.infos], cat_dims=dict(dims))
+        first = parts[0]
+        tensors = {}
+        for key in first.tensors:
+            values = [p.tensors[key] for p in parts]
+            if key in first.pad_dims:
+                values = pad_to_longest(values, first.pad_dims[key])
+            tensors[key] = torch.cat(values, dim=first.cat_dims.get(key, 0))
+        infos = [i for p in parts for i in p.infos]
+        return ImageBatch(tensors=tensors, infos=infos, cat_dims=dict(first.cat_dims), pad_dims=dict(first.pad_dims))
+
+
+def pad_to_longest(tensors: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Zero-pad each tensor at the end of ``dim`` to the longest size among them."""
+    size = max(t.shape[dim] for t in tensors)
+    padded = []
+    for tensor in tensors:
+        if tensor.shape[dim] == size:
+            padded.append(tensor)
+            continue
+        shape = list(tensor.shape)
+        shape[dim] = size
+        out = tensor.new_zeros(shape)
+        out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        padded.append(out)
+    return padded
 
 
 @dataclass(frozen=True)
@@ -87,7 +112,10 @@ class Adapter:
         batch_extras: ``(batch, image_batch, processor, model_config) -> dict`` of extra keys for the model.
         norm_kind / mlp_kind / rope_kind: what the kernels patch in the language tower.
         image_options: the user-settable image options and their defaults (documented per family).
-        load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout).
+        load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout):
+            ``(path, **from_pretrained_kwargs) -> model``; ``None`` uses ``AutoModelForImageTextToText``.
+        load_processor: optional ``(path) -> processor`` for layouts ``AutoProcessor`` cannot read; ``None``
+            uses ``AutoProcessor``.
     """
 
     name: str
@@ -104,6 +132,7 @@ class Adapter:
     rope_kind: str
     image_options: Mapping[str, Any] = field(default_factory=dict)
     load_model: Callable[..., Any] | None = None
+    load_processor: Callable[..., Any] | None = None
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""

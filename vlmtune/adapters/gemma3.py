@@ -38,9 +38,8 @@ def expand_image(processor, images: ImageBatch, index: int) -> str:
     if not crops:
         return sequence
     # The wording Gemma3Processor uses when pan-and-scan produced crops (transformers >= 4.50).
-    return (
-        f"Here is the original image {sequence} and here are some crops to help you see better "
-        + " ".join([sequence] * crops)
+    return f"Here is the original image {sequence} and here are some crops to help you see better " + " ".join(
+        [sequence] * crops
     )
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import transformers
+from packaging.version import Version
 
 from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
 
@@ -87,11 +88,20 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
     The value is a string, not a tensor: ``Trainer`` passes it through to ``forward`` unchanged.
     """
     modes = {info["downsample_mode"] for info in images.infos}
-    if not modes or modes == {model_config.downsample_mode}:
+    if not modes:
         return {}
     if len(modes) > 1:
         raise ValueError(f"one batch mixes downsample modes {sorted(modes)}; use one mode per run")
-    return {"downsample_mode": modes.pop()}
+    mode = modes.pop()
+    sizes = {tuple(size) for size in images.tensors["target_sizes"].tolist()}
+    if mode == "16x" and len(sizes) > 1 and Version(transformers.__version__) < Version("5.19"):
+        # Before 5.19 the in-tower window merger reshapes all views as if they shared the first one's grid.
+        raise ValueError(
+            f"transformers {transformers.__version__} runs MiniCPM-V 4.6's 16x merger only on views of one size, "
+            f"and this batch has {sorted(sizes)} patches; upgrade to transformers>=5.19 or set the image option "
+            "downsample_mode='4x' (which skips that merger)"
+        )
+    return {} if mode == model_config.downsample_mode else {"downsample_mode": mode}
 
 
 _VISION = r"model\.vision_tower\.encoder\.layers\.(\d+)"
@@ -124,11 +134,11 @@ MINICPMV4_6 = Adapter(
     process_images=process_images,
     expand_image=expand_image,
     batch_extras=batch_extras,
-    # Qwen3.5: RMSNorm scales by (1 + w) like Gemma's; text-only M-RoPE (equal T/H/W positions) on a quarter
-    # of each head; DeltaNet layers have no RoPE.
+    # Qwen3.5: RMSNorm scales by (1 + w) like Gemma's; M-RoPE (interleaved, resolved by its rotary module; the
+    # positions are text-only here) on a quarter of each head; DeltaNet layers have no RoPE.
     norm_kind="rms_gemma",
     mlp_kind="swiglu",
-    rope_kind="mrope_interleaved",
+    rope_kind="mrope",
     image_options={
         "max_slice_nums": None,
         "scale_resolution": None,
@@ -137,11 +147,3 @@ MINICPMV4_6 = Adapter(
         "use_image_id": None,
     },
 )
-
-
-def image_token_count(images: ImageBatch) -> int:
-    """Image tokens of every image in ``images`` (what the model's merger produces for them)."""
-    return sum(num_image_tokens(info) for info in images.infos)
-
-
-__all__ = ["MINICPMV4_6", "image_token_count", "num_image_tokens"]

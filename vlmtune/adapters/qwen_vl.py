@@ -162,8 +162,8 @@ QWEN3_VL = Adapter(
     batch_extras=batch_extras,
     norm_kind="rms",
     mlp_kind="swiglu",
-    # Qwen3-VL interleaves the T/H/W frequencies (rope_parameters["mrope_interleaved"]); a kernel written for
-    # Qwen2's sectioned layout must not be applied to it.
-    rope_kind="mrope_interleaved",
+    # Qwen3-VL interleaves the T/H/W frequencies (rope_parameters["mrope_interleaved"]) where Qwen2 stacks them
+    # in sections; either way its rotary module resolves the layout and attention rotates with plain cos/sin.
+    rope_kind="mrope",
     image_options={"min_pixels": None, "max_pixels": None},
 )

@@ -79,9 +79,7 @@ def expand_images(
     pieces.append((text[cursor:], False))
     n_tags = sum(p.count(placeholder) for p, supervised in pieces if not supervised)
     if n_tags != len(expansions):
-        raise DataError(
-            index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)"
-        )
+        raise DataError(index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)")
     out, new_spans, next_image = [], [], iter(expansions)
     length = 0
     for piece, supervised in pieces:
@@ -131,9 +129,7 @@ class Collator:
         validate_row(row, index)
         images = [load_image(source, index) for source in row.get("images") or []]
         try:
-            batch = (
-                self.adapter.process_images(self.processor, images, self.image_options) if images else None
-            )
+            batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
         except (ValueError, RuntimeError) as err:
             raise DataError(index, f"the image processor rejected an image ({err})") from err
         batch = batch or ImageBatch()
@@ -174,10 +170,13 @@ class Collator:
         return labels
 
     def image_token_ids(self) -> list[int]:
-        """Token ids that stand for image content (never supervised)."""
+        """Token ids that stand for image content (never supervised): the model config's, else the processor's
+        (MiniCPM-V 2.6's config names no image token; its processor knows the ``<unk>`` query filler)."""
         config = self.model_config
-        ids = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")}
-        return sorted(i for i in ids if i is not None)
+        ids = {getattr(config, a, None) for a in ("image_token_id", "image_token_index", "video_token_id")} - {None}
+        if not ids:
+            ids = {getattr(self.processor, "image_token_id", None)} - {None}
+        return sorted(ids)
 
     def pad(self, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad a list of encoded samples and add the family's image tensors and extra keys."""

@@ -230,9 +230,7 @@ def render_formula(latex: str, fontsize: int, dpi: int) -> bytes:
     figure = Figure()
     FigureCanvasAgg(figure)
     # usetex and the math font are set per text rather than through rcParams, which are process-global.
-    figure.text(
-        0, 0, f"${latex}$", fontsize=fontsize, color="black", usetex=False, math_fontfamily=MATH_FONTFAMILY
-    )
+    figure.text(0, 0, f"${latex}$", fontsize=fontsize, color="black", usetex=False, math_fontfamily=MATH_FONTFAMILY)
     rgba_png = io.BytesIO()
     # matplotlib stamps a "Software: Matplotlib version ..." tEXt chunk by default; None drops it so the bytes
     # depend only on the pixels.

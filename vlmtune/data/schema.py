@@ -32,19 +32,13 @@ def text_of(content: Any) -> str:
     """The text of a message's content (a string, or a list of parts whose text parts are joined)."""
     if isinstance(content, str):
         return content
-    return "".join(
-        part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
-    )
+    return "".join(part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
 def count_image_parts(messages: list[dict]) -> int:
     """How many ``{"type": "image"}`` parts the conversation holds."""
     return sum(
-        1
-        for m in messages
-        if not isinstance(m["content"], str)
-        for part in m["content"]
-        if part.get("type") == "image"
+        1 for m in messages if not isinstance(m["content"], str) for part in m["content"] if part.get("type") == "image"
     )
 
 

@@ -167,9 +167,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Zero supervised rows: loss 0 with zero gradients, where F.cross_entropy's mean would give nan.
         grad_scale = 1.0 / max(n_supervised, 1) if reduction == "mean" else 1.0
         logits_out = (
-            torch.empty(n_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-            if return_logits
-            else None
+            torch.empty(n_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device) if return_logits else None
         )
         chunk = chunk_size or _default_chunk_size(weight.shape[0])
         loss_rows, grad_h, grad_w = _chunked_loss_and_grads(
@@ -231,9 +229,7 @@ def fused_linear_cross_entropy(
             f"labels {tuple(labels.shape)}, weight {tuple(lm_head_weight.shape)}"
         )
     if hidden.dtype != lm_head_weight.dtype:
-        raise ValueError(
-            f"hidden is {hidden.dtype} but lm_head_weight is {lm_head_weight.dtype}; cast one first"
-        )
+        raise ValueError(f"hidden is {hidden.dtype} but lm_head_weight is {lm_head_weight.dtype}; cast one first")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     if softcap is not None and softcap <= 0:

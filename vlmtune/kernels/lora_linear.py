@@ -103,9 +103,7 @@ def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> to
         # bitsandbytes repacks weights for its own CPU GEMM on first use; that layout is not the NF4 one.
         raise ValueError("this NF4 weight was repacked for bitsandbytes' CPU kernel; quantize it afresh")
     packed = packed.reshape(-1)
-    if (
-        packed.dtype != torch.uint8
-    ):  # bitsandbytes' quant_storage may be another dtype; the bytes are the same
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype; the bytes are the same
         packed = packed.view(torch.uint8)
     n_bytes = packed.numel()
     nested = bool(quant_state.nested)
@@ -228,9 +226,7 @@ def lora_linear(
         ``(..., out_features)`` in ``x.dtype``.
     """
     if base_weight.requires_grad:
-        raise ValueError(
-            "lora_linear treats the base weight as frozen; set base_weight.requires_grad_(False)"
-        )
+        raise ValueError("lora_linear treats the base weight as frozen; set base_weight.requires_grad_(False)")
     in_features = x.shape[-1]
     out_features = base_weight.shape[0] if quant_state is None else quant_state.shape[0]
     if lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):

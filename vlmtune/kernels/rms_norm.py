@@ -154,9 +154,7 @@ class _RMSNormFunction(torch.autograd.Function):
         compute_dw = ctx.needs_input_grad[1]
         dx = torch.empty_like(x2d)
         n_programs = _num_programs(n_rows, x2d.device)
-        dw_partial = torch.empty(
-            (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
-        )
+        dw_partial = torch.empty((n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device)
         block = triton.next_power_of_2(n_cols)
         if n_rows > 0:
             _rms_norm_bwd_kernel[(n_programs,)](
@@ -188,9 +186,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, casting: str) -> None:
     if casting not in _CASTINGS:
         raise ValueError(f"casting must be one of {_CASTINGS}, got {casting!r}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
-        )
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
 
 
 def rms_norm(

@@ -218,9 +218,7 @@ class _RopeFunction(torch.autograd.Function):
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
+        raise ValueError(f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[-1] % 2:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal batch, seq and even head_dim")
 
@@ -230,8 +228,7 @@ def _broadcast_cos(x: torch.Tensor, q: torch.Tensor, name: str) -> torch.Tensor:
     batch, _, seq_len, head_dim = q.shape
     if x.dim() != 3 or x.shape[-2:] != (seq_len, head_dim) or x.shape[0] not in (1, batch):
         raise ValueError(
-            f"{name} must be (batch, seq, head_dim) = (1|{batch}, {seq_len}, {head_dim}), "
-            f"got {tuple(x.shape)}"
+            f"{name} must be (batch, seq, head_dim) = (1|{batch}, {seq_len}, {head_dim}), got {tuple(x.shape)}"
         )
     return _last_dim_contiguous(x).expand(batch, seq_len, head_dim)
 
@@ -259,8 +256,7 @@ def apply_rope(
 def _check_sections(mrope_section: Sequence[int], head_dim: int) -> tuple[int, int]:
     if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
         raise ValueError(
-            f"mrope_section {list(mrope_section)} must have 3 parts summing to "
-            f"head_dim // 2 = {head_dim // 2}"
+            f"mrope_section {list(mrope_section)} must have 3 parts summing to head_dim // 2 = {head_dim // 2}"
         )
     return int(mrope_section[0]), int(mrope_section[1])
 
