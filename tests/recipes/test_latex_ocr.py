@@ -65,3 +65,37 @@ def test_recipe_flags_map_to_the_config():
     assert (config.tuning.vision, config.tuning.language, config.tuning.mlp) == ("frozen", "lora", False)
     assert config.training.image_options == {"max_pixels": 50176}
     assert isinstance(config.tuning, vlmtune.TuningConfig)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "minicpmv4_6", "minicpmv"])
+def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex_data, tmp_path):
+    from vlmtune.tiny import build
+
+    model = build(family, tmp_path / "tiny")
+    recipe = _recipe()
+    config = recipe.parse_args(
+        [
+            "--model",
+            str(model),
+            "--data",
+            str(latex_data),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lr",
+            "5e-3",
+            "--logging-steps",
+            "1",
+            "--eval-samples",
+            "0",
+        ]
+    )
+    config.quant = quant
+    summary = recipe.main(config)
+    assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # finite, not NaN
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "vlmtune.json").exists()
