@@ -36,6 +36,8 @@ class TrainConfig:
         max_length: longest sample in tokens, images included.
         overflow: what to do with a sample longer than ``max_length``: ``"drop"`` (skip and count) or
             ``"error"`` (stop naming the row). Images are never cut.
+        on_bad_row: a row that cannot be used (missing / unreadable image, empty answer ...): ``"error"`` stops
+            before the first step naming the row; ``"skip"`` drops it and the summary counts skipped rows by kind.
         train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
         image_options: family image options (``max_pixels``, ``do_pan_and_scan`` ...).
         logging_steps: log the loss every N steps.
@@ -61,6 +63,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 2048
     overflow: str = "drop"
+    on_bad_row: str = "error"
     train_on: str = "assistant"
     image_options: dict[str, Any] = field(default_factory=dict)
     logging_steps: int = 10
@@ -175,7 +178,7 @@ def train(
         image_options=config.image_options,
         train_on=config.train_on,
     )
-    dataset = PreparedDataset(rows, collator, overflow=config.overflow)
+    dataset = PreparedDataset(rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     patch = None

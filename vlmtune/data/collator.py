@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OVERFLOW = ("drop", "error")
+BAD_ROWS = ("error", "skip")
 
 
 class SampleTooLong(DataError):
@@ -131,7 +132,7 @@ class Collator:
         try:
             batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
         except (ValueError, RuntimeError) as err:
-            raise DataError(index, f"the image processor rejected an image ({err})") from err
+            raise DataError(index, f"the image processor rejected an image ({err})", kind="unreadable image") from err
         batch = batch or ImageBatch()
         text, spans = render_with_spans(self.processor, row["messages"], index)
         expansions = [self.adapter.expand_image(self.processor, batch, i) for i in range(len(images))]
@@ -201,16 +202,22 @@ class Collator:
 
 
 class PreparedDataset(torch.utils.data.Dataset):
-    """Rows checked once before training: bad rows stop the run (naming the row), over-long ones are handled
-    as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: the run stops naming the row).
+    """Rows checked once before training, so that no row can break a run deep inside the model.
+
+    Bad rows (missing or unreadable image, empty answer, tag/image mismatch ...) stop the run naming the row
+    (``on_bad_row="error"``, the default) or are skipped and counted by kind (``"skip"``); over-long rows are
+    handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: the run stops naming the row).
+    Nothing is replaced: a skipped row is gone, and :attr:`skipped` says why.
 
     Items are ``{"index": original_row_index, "row": canonical_row}``; images are re-read per batch, so
     memory holds only the kept indices and lengths.
     """
 
-    def __init__(self, rows, collator: Collator, overflow: str = "drop"):
+    def __init__(self, rows, collator: Collator, overflow: str = "drop", on_bad_row: str = "error"):
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+        if on_bad_row not in BAD_ROWS:
+            raise ValueError(f"on_bad_row must be one of {BAD_ROWS}, got {on_bad_row!r}")
         self.rows = rows
         self.kept: list[int] = []
         self.lengths: list[int] = []
@@ -222,6 +229,12 @@ class PreparedDataset(torch.utils.data.Dataset):
                 if overflow == "error":
                     raise
                 self.skipped["too long"] += 1
+                continue
+            except DataError as err:
+                if on_bad_row == "error":
+                    raise
+                logger.warning("skipping %s", err)
+                self.skipped[err.kind] += 1
                 continue
             self.kept.append(index)
             self.lengths.append(len(encoded.input_ids))

@@ -23,8 +23,8 @@ ROLES = ("system", "user", "assistant")
 class DataError(ValueError):
     """A row of the user's data cannot be used; the message names the row and the reason."""
 
-    def __init__(self, row: int | str, reason: str):
-        self.row, self.reason = row, reason
+    def __init__(self, row: int | str, reason: str, kind: str = "invalid row"):
+        self.row, self.reason, self.kind = row, reason, kind
         super().__init__(f"row {row}: {reason}")
 
 
@@ -60,7 +60,7 @@ def validate_row(row: dict, index: int) -> None:
                 if not isinstance(part, dict) or "type" not in part:
                     raise DataError(index, f"message {turn} part {k} must be a dict with a 'type', got {part!r:.60}")
         if message["role"] == "assistant" and not text_of(content).strip():
-            raise DataError(index, f"assistant turn (message {turn}) is empty")
+            raise DataError(index, f"assistant turn (message {turn}) is empty", kind="empty answer")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(index, "has no assistant turn to learn from")
     images = row.get("images") or []
@@ -68,7 +68,9 @@ def validate_row(row: dict, index: int) -> None:
         raise DataError(index, f"images must be a list (one entry per image tag), got {type(images).__name__}")
     n_tags = count_image_parts(messages)
     if n_tags != len(images):
-        raise DataError(index, f"has {n_tags} image tag(s) in its messages but {len(images)} image(s)")
+        raise DataError(
+            index, f"has {n_tags} image tag(s) in its messages but {len(images)} image(s)", kind="image count"
+        )
 
 
 def load_image(source: Any, index: int) -> Image.Image:
@@ -87,7 +89,7 @@ def load_image(source: Any, index: int) -> Image.Image:
             image = Image.open(io.BytesIO(source))
         elif isinstance(source, (str, os.PathLike)):
             if not os.path.exists(source):
-                raise DataError(index, f"image file {str(source)!r} not found")
+                raise DataError(index, f"image file {str(source)!r} not found", kind="missing image")
             image = Image.open(source)
         else:
             raise DataError(index, f"image of type {type(source).__name__} is not a PIL image, path or bytes")
@@ -95,9 +97,9 @@ def load_image(source: Any, index: int) -> Image.Image:
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(index, f"cannot decode image ({type(err).__name__}: {err})") from err
+        raise DataError(index, f"cannot decode image ({type(err).__name__}: {err})", kind="unreadable image") from err
     if image.width < 1 or image.height < 1:
-        raise DataError(index, f"image has size {image.width}x{image.height}")
+        raise DataError(index, f"image has size {image.width}x{image.height}", kind="unreadable image")
     return to_rgb(image)
 
 
