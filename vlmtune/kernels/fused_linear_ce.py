@@ -11,8 +11,10 @@ one chunk of logits, plus the weight-sized gradient when ``lm_head`` is trained.
 
 Numerics against Hugging Face: logits are rounded to the activation dtype by the GEMM exactly as
 ``lm_head(hidden)`` is and the loss is computed in fp32, as ``ForCausalLMLoss`` does after its upcast. The
-soft-capping runs in fp32 here, whereas Gemma3ForConditionalGeneration applies it to bf16 logits before the
-upcast, so with a softcap the loss differs from Hugging Face's by that rounding (more accurate here). The
+soft-capping runs in fp32 here, whereas the text-only ``Gemma3ForCausalLM`` / ``Gemma2ForCausalLM`` apply it to
+bf16 logits before the upcast, so with a softcap the loss differs from Hugging Face's by that rounding (more
+accurate here); ``Gemma3ForConditionalGeneration`` applies no soft-capping at all (transformers 5.17 and 5.23),
+so ``patch.py`` passes none for it. The
 weight gradient is accumulated across chunks in the weight's dtype.
 """
 
