@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
     parser.add_argument("--vision-lr", type=float, default=None, help="vision tower LR (default: --lr)")
     parser.add_argument("--no-kernels", action="store_true", help="plain transformers path on CUDA")
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--packing", action="store_true", help="padding-free packing into rows of --max-length")
     parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: cap on image pixels")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=0)
@@ -122,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         save_steps=args.save_steps,
         seed=args.seed,
         kernels=False if args.no_kernels else None,
+        packing=args.packing,
         image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
     )
     return LatexOcrConfig(

@@ -80,3 +80,16 @@ def test_optimizer_state_only_for_trainable_parameters(tiny_gemma, latex_data, t
     assert with_state == expected
     assert all("language_model" in n and "self_attn" in n and ".lora_" in n for n in with_state)
     assert len(with_state) == 2 * 4 * 2  # 2 layers x q/k/v/o x (A, B)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_packed_training_runs_and_lowers_the_loss(family, tiny_qwen, tiny_gemma, latex_data, tmp_path):
+    path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
+    model, processor, adapter, tuning = _tune(path)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path), max_steps=8, lr=5e-3, logging_steps=1, packing=True, max_length=600
+    )
+    result = vlmtune.train(model, processor, adapter, rows, config, tuning)
+    assert result.kept_rows == len(rows)
+    assert len(result.losses) == 8 and result.losses[-1] < result.losses[0]

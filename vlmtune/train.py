@@ -5,6 +5,7 @@ result = train(model, processor, adapter, train_rows, TrainConfig(output_dir="ou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ class TrainConfig:
         on_bad_row: a row that cannot be used (missing / unreadable image, empty answer ...): ``"error"`` stops
             before the first step naming the row; ``"skip"`` drops it and the summary counts skipped rows by kind.
         train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
+        packing: padding-free packing: samples are binned (first-fit decreasing) into rows of at most
+            ``max_length`` tokens, attention kept within each sample; ``batch_size`` is then 1 packed row per
+            micro-step (Qwen-VL and Gemma-3).
         image_options: family image options (``max_pixels``, ``do_pan_and_scan`` ...).
         logging_steps: log the loss every N steps.
         save_steps: checkpoint every N steps (0: no intermediate checkpoints).
@@ -64,6 +68,7 @@ class TrainConfig:
     max_length: int = 2048
     overflow: str = "drop"
     on_bad_row: str = "error"
+    packing: bool = False
     train_on: str = "assistant"
     image_options: dict[str, Any] = field(default_factory=dict)
     logging_steps: int = 10
@@ -179,6 +184,14 @@ def train(
         train_on=config.train_on,
     )
     dataset = PreparedDataset(rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
+    data_collator = collator
+    if config.packing:
+        from vlmtune.data.packing import PackedBins, PackedCollator, collate_bin
+
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
+        dataset = PackedBins(dataset, config.max_length)
+        config = dataclasses.replace(config, batch_size=1)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     patch = None
@@ -190,7 +203,7 @@ def train(
         model=model,
         args=_training_arguments(config, dtype),
         train_dataset=dataset,
-        data_collator=collator,
+        data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],
         optimizers=(make_optimizer(model, adapter, tuning, config), None),
     )
@@ -200,4 +213,5 @@ def train(
         if patch is not None:
             # Evaluation and export see the plain model; generation needs logits the fused loss never builds.
             patch.revert()
-    return TrainResult(model=model, losses=losses, kept_rows=len(dataset), skipped_rows=dict(dataset.skipped))
+    prepared = dataset.prepared if config.packing else dataset
+    return TrainResult(model=model, losses=losses, kept_rows=len(prepared), skipped_rows=dict(prepared.skipped))
