@@ -101,3 +101,64 @@ def test_activation_offload_gives_the_same_loss_and_gradients(tiny_gemma, latex_
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)
+
+
+# --- every combination of tower modes: LoRA modules, trainable parameters and optimizer state agree -----------
+
+MODE_COMBINATIONS = [
+    (v, p, lang)
+    for v in ("frozen", "lora", "full")
+    for p in ("frozen", "full")
+    for lang in ("frozen", "lora", "full")
+    if "lora" in (v, lang)  # without a LoRA tower there is no adapter to export (refused, tested elsewhere)
+]
+
+
+@pytest.mark.parametrize(("vision", "projector", "language"), MODE_COMBINATIONS)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_every_tower_mode_combination(family, vision, projector, language, tiny_qwen, tiny_gemma):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.train import TrainConfig, make_optimizer
+    from vlmtune.tuning import original_name
+
+    path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    adapter = vlmtune.detect(model.config)
+    config = TuningConfig(vision=vision, projector=projector, language=language, gradient_checkpointing=False)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = set(lora_target_names(model, adapter, config))
+    tuned = apply_tuning(model, adapter, config)
+
+    lora_modules = {original_name(n.split(".lora_A.")[0]) for n, _ in tuned.named_parameters() if ".lora_A." in n}
+    expected_lora = {n for n in linears if getattr(config, adapter.tower_of(n) or "language") == "lora"}
+    expected_lora &= targets
+    assert lora_modules == expected_lora
+    assert all(adapter.tower_of(n) in ("vision", "language") for n in lora_modules)  # projector: never by accident
+
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    for name in trainable:
+        tower = adapter.tower_of(original_name(name.split(".lora_")[0])) or "language"
+        mode = getattr(config, tower)
+        assert mode == ("lora" if ".lora_" in name else "full"), (name, tower, mode)
+    for tower in ("vision", "projector", "language"):
+        has = {n for n in trainable if (adapter.tower_of(original_name(n.split(".lora_")[0])) or "language") == tower}
+        assert bool(has) == (
+            getattr(config, tower) != "frozen"
+            and bool(getattr(config, tower) == "full" or any(adapter.tower_of(m) == tower for m in lora_modules))
+        ), tower
+
+    optimizer = make_optimizer(tuned, adapter, config, TrainConfig(lr=1e-3))
+    in_optimizer = {
+        n for n, p in tuned.named_parameters() if any(p is q for g in optimizer.param_groups for q in g["params"])
+    }
+    assert in_optimizer == trainable
+
+
+def test_int8_loading_quantises_the_language_linears_only(tiny_qwen):
+    import bitsandbytes as bnb
+
+    model, _, adapter = vlmtune.load(tiny_qwen, quant="int8")
+    eight_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert eight_bit and all(adapter.tower_of(n) == "language" and "layers." in n for n in eight_bit)
+    assert not isinstance(model.lm_head, bnb.nn.Linear8bitLt)
