@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import vlmtune
 from vlmtune.data.collator import Collator
@@ -162,3 +163,27 @@ def test_int8_loading_quantises_the_language_linears_only(tiny_qwen):
     eight_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
     assert eight_bit and all(adapter.tower_of(n) == "language" and "layers." in n for n in eight_bit)
     assert not isinstance(model.lm_head, bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_vision_checkpointing_can_be_switched_off_alone(family, tiny_qwen, tiny_gemma, latex_data):
+    path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
+    results = []
+    for vision_checkpointing in (True, False):
+        model, processor, adapter = vlmtune.load(path)
+        config = TuningConfig(vision_checkpointing=vision_checkpointing)
+        tuned = apply_tuning(model, adapter, config)
+        flags: dict[str, set[bool]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                flags.setdefault(adapter.tower_of(name), set()).add(module.gradient_checkpointing)
+        assert flags == {"vision": {vision_checkpointing}, "language": {True}}
+        rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+        batch = Collator(adapter, processor, model.config)([{"index": 0, "row": rows[0]}])
+        tuned.train()
+        loss = tuned(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in tuned.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)

@@ -43,6 +43,9 @@ class TuningConfig:
         modules_to_save: extra modules trained in full and exported (e.g. ``["lm_head", "embed_tokens"]``).
         gradient_checkpointing: recompute activations in backward (language tower and vision tower alike, as
             transformers applies it model-wide); saves memory at ~30% more compute.
+        vision_checkpointing: also checkpoint the vision tower's layers (with ``gradient_checkpointing``). On by
+            default: with vision LoRA on Qwen2.5-VL-7B its activations are the larger share of the step's memory
+            (BENCHMARKS.md); turn it off to trade that memory for the vision tower's recomputation.
         offload_activations: keep the tensors saved for backward (with checkpointing: each layer's input) in
             pinned CPU memory instead of GPU memory, for long sequences; same numbers, slower.
         lora_dtype: ``"float32"`` (default: PEFT keeps the small adapter in fp32, so Adam's updates to it are
@@ -67,6 +70,7 @@ class TuningConfig:
     use_rslora: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
+    vision_checkpointing: bool = True
     offload_activations: bool = False
     lora_dtype: str = "float32"
     init_seed: int = 0
@@ -193,6 +197,11 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         raise ValueError("nothing to train: every tower is frozen and no modules_to_save are given")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not config.vision_checkpointing:
+            for name, module in model.named_modules():
+                # transformers' GradientCheckpointingLayer checks this flag per layer on every call.
+                if adapter.tower_of(name) == "vision" and getattr(module, "gradient_checkpointing", False):
+                    module.gradient_checkpointing = False
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
