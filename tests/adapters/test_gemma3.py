@@ -4,16 +4,15 @@ Token-for-token equality with ``Gemma3Processor`` (pan-and-scan included), hand-
 LoRA target lists, real freezing of the vision tower, and QLoRA placement.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import vlmtune
 from vlmtune.adapters import detect
 from vlmtune.adapters.gemma3 import GEMMA3
 from vlmtune.data.collator import IGNORE_INDEX, Collator
+from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SOFT_TOKENS = 16
@@ -24,21 +23,6 @@ PAN_AND_SCAN = {
     "pan_and_scan_max_num_crops": 4,
     "pan_and_scan_min_ratio_to_activate": 1.2,
 }
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A random RGB image of PIL ``size`` (width, height): every pixel matters for pixel_values equality."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def turn(role: str, text: str, n_images: int = 0) -> dict:
-    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
-    return [turn("user", question, n_images), turn("assistant", answer)]
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +55,6 @@ def reference(processor, messages, images, **kwargs):
         return_tensors="pt",
         **kwargs,
     )
-
-
-def collate(collator, *rows):
-    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):

@@ -6,35 +6,20 @@ label masks, ``image_bound`` ranges after padding, the padded pixel layout, gold
 and a training step through ``vlmtune.load`` + ``apply_tuning`` + ``Collator``.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vlmtune
 from vlmtune.adapters import detect
 from vlmtune.adapters.minicpmv import IMAGE_TAG, MINICPMV, MiniCPMVProcessor
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.models import minicpmv_image
+from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 QUERY = 64
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    width, height = size
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def turn(role: str, text: str, n_images: int = 0) -> dict:
-    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
-    return [turn("user", question, n_images), turn("assistant", answer)]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +40,6 @@ def model(tiny_minicpmv):
 @pytest.fixture(scope="module")
 def collator(processor, model):
     return Collator(MINICPMV, processor, model.config)
-
-
-def collate(collator, *rows):
-    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def ids_of(processor, text: str) -> list[int]:

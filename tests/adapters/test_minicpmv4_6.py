@@ -5,35 +5,19 @@ hand-derived table of views and tokens, hand-derived label masks, the ``downsamp
 LoRA lists over the hybrid Qwen3.5 text tower, and training steps with frozen and trained towers.
 """
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from packaging.version import Version
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.adapters import detect
 from vlmtune.adapters.minicpmv4_6 import MINICPMV4_6, num_image_tokens
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.schema import DataError
+from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A random RGB image of PIL ``size`` (width, height): every pixel matters for pixel_values equality."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def turn(role: str, text: str, n_images: int = 0) -> dict:
-    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
-    return [turn("user", question, n_images), turn("assistant", answer)]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +48,6 @@ def model(tiny_minicpmv4_6):
 def reference(processor, conversations, images, **image_kwargs):
     texts = [processor.apply_chat_template(m, tokenize=False) for m in conversations]
     return processor(text=texts, images=images if any(images) else None, return_tensors="pt", **image_kwargs)
-
-
-def collate(collator, *rows):
-    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref):

@@ -6,34 +6,18 @@ names SigLIP uses too) and its merger is ``merger.mlp.0/2``. The tests check tok
 a right-padded batch, golden LoRA lists, and one training step.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.adapters import detect
 from vlmtune.adapters.qwen_vl import QWEN2_5_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
+from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A random RGB image of PIL ``size`` (width, height): every pixel matters for pixel_values equality."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def turn(role: str, text: str, n_images: int = 0) -> dict:
-    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
-    return [turn("user", question, n_images), turn("assistant", answer)]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +54,6 @@ def reference(processor, messages, images, **image_kwargs):
         return_tensors="pt",
         **image_kwargs,
     )
-
-
-def collate(collator, *rows):
-    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):

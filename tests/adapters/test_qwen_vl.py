@@ -5,10 +5,8 @@ the model's own ``get_rope_index``, golden LoRA target lists, real freezing of t
 placement.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import vlmtune
@@ -16,24 +14,10 @@ from vlmtune.adapters import detect
 from vlmtune.adapters.qwen_vl import QWEN2_5_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.schema import DataError
+from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A random RGB image of PIL ``size`` (width, height): every pixel matters for pixel_values equality."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def turn(role: str, text: str, n_images: int = 0) -> dict:
-    return {"role": role, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
-    return [turn("user", question, n_images), turn("assistant", answer)]
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +44,6 @@ def model(tiny_qwen):
 def reference(processor, messages, images):
     text = processor.apply_chat_template(messages, tokenize=False)
     return processor(text=[text], images=[images] if images else None, add_special_tokens=False, return_tensors="pt")
-
-
-def collate(collator, *rows):
-    return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
 
 
 def assert_matches_processor(batch, ref, with_images=True):
