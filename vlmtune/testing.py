@@ -1,7 +1,7 @@
 """Small helpers for tests of adapters and data code: random images, conversations, collating rows.
 
-    from vlmtune.testing import collate, noise, single
-    batch = collate(collator, (single("Read it.", "x^{2}"), [noise((64, 32))]))
+from vlmtune.testing import collate, noise, single
+batch = collate(collator, (single("Read it.", "x^{2}"), [noise((64, 32))]))
 """
 
 from __future__ import annotations
