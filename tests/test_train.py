@@ -93,3 +93,13 @@ def test_packed_training_runs_and_lowers_the_loss(family, tiny_qwen, tiny_gemma,
     result = vlmtune.train(model, processor, adapter, rows, config, tuning)
     assert result.kept_rows == len(rows)
     assert len(result.losses) == 8 and result.losses[-1] < result.losses[0]
+
+
+def test_dataloader_workers_decode_images_in_subprocesses(tiny_qwen, latex_data, tmp_path):
+    model, processor, adapter, tuning = _tune(tiny_qwen, vision="frozen")
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path), max_steps=4, batch_size=2, lr=5e-3, logging_steps=1, dataloader_workers=2
+    )
+    result = vlmtune.train(model, processor, adapter, rows, config, tuning)
+    assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
