@@ -235,15 +235,26 @@ def _qwen_text_config(vocab_size: int, ids: dict[str, int], **extra) -> dict:
     )
 
 
+def _save_qwen_processor(processor_class, out: Path) -> None:
+    """Qwen2-VL / Qwen2.5-VL processor over the saved tokenizer: images (and videos) of 56-224 px."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=56 * 56, max_pixels=224 * 224)
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=AutoTokenizer.from_pretrained(out),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+
+
 def build_qwen2_5_vl(out: Path) -> None:
     """Tiny Qwen2.5-VL: 2-layer text tower (hidden 64), 2-block vision tower, images of 56-224 px."""
     from transformers import (
-        AutoTokenizer,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     vocab_size, ids = _save_qwen_tokenizer(out)
@@ -264,27 +275,15 @@ def build_qwen2_5_vl(out: Path) -> None:
         **_qwen_token_ids(ids),
     )
     _save_model(Qwen2_5_VLForConditionalGeneration(config), out)
-    pixels = dict(min_pixels=56 * 56, max_pixels=224 * 224)
-    image_processor = Qwen2VLImageProcessor(**pixels)
-    video_processor = Qwen2VLVideoProcessor(**pixels)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=AutoTokenizer.from_pretrained(out),
-        video_processor=video_processor,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    _save_qwen_processor(Qwen2_5_VLProcessor, out)
 
 
 def build_qwen2_vl(out: Path) -> None:
     """Tiny Qwen2-VL: 2-layer text tower (hidden 64), 2-block vision tower (fc1/fc2 MLP), images of 56-224 px."""
     from transformers import (
-        AutoTokenizer,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     vocab_size, ids = _save_qwen_tokenizer(out)
@@ -305,14 +304,7 @@ def build_qwen2_vl(out: Path) -> None:
         **_qwen_token_ids(ids),
     )
     _save_model(Qwen2VLForConditionalGeneration(config), out)
-    pixels = dict(min_pixels=56 * 56, max_pixels=224 * 224)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        tokenizer=AutoTokenizer.from_pretrained(out),
-        video_processor=Qwen2VLVideoProcessor(**pixels),
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    _save_qwen_processor(Qwen2VLProcessor, out)
 
 
 # The Qwen3-VL (Instruct) chat format: ChatML turns like Qwen2-VL, but no default system turn; a system
