@@ -111,6 +111,9 @@ class Adapter:
         expand_image: ``(processor, image_batch, index) -> str`` replacing one placeholder.
         batch_extras: ``(batch, image_batch, processor, model_config) -> dict`` of extra keys for the model.
         norm_kind / mlp_kind / rope_kind: what the kernels patch in the language tower.
+        vision_attention_kind: ``"cu_seqlens"`` where the vision tower's attention runs over sequences
+            delimited by ``cu_seqlens`` (Qwen-VL), which the ``vision_attention`` kernel op batches; ``None``
+            leaves the vision attention as it is.
         image_options: the user-settable image options and their defaults (documented per family).
         load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout):
             ``(path, **from_pretrained_kwargs) -> model``; ``None`` uses ``AutoModelForImageTextToText``.
@@ -130,6 +133,7 @@ class Adapter:
     norm_kind: str
     mlp_kind: str
     rope_kind: str
+    vision_attention_kind: str | None = None
     image_options: Mapping[str, Any] = field(default_factory=dict)
     load_model: Callable[..., Any] | None = None
     load_processor: Callable[..., Any] | None = None

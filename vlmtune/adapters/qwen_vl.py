@@ -134,6 +134,7 @@ QWEN2_5_VL = Adapter(
     norm_kind="rms",
     mlp_kind="swiglu",
     rope_kind="mrope",
+    vision_attention_kind="cu_seqlens",
     image_options={"min_pixels": None, "max_pixels": None},
 )
 
@@ -165,5 +166,6 @@ QWEN3_VL = Adapter(
     # Qwen3-VL interleaves the T/H/W frequencies (rope_parameters["mrope_interleaved"]) where Qwen2 stacks them
     # in sections; either way its rotary module resolves the layout and attention rotates with plain cos/sin.
     rope_kind="mrope",
+    vision_attention_kind="cu_seqlens",
     image_options={"min_pixels": None, "max_pixels": None},
 )

@@ -7,7 +7,9 @@
     ...                                            # train: same numbers as the plain path, less time and memory
     patch.revert()                                 # every forward is again exactly what it was
 
-Only modules under ``adapter.towers["language"]`` change; the vision tower and projector never do. Nothing is
+Only modules under ``adapter.towers["language"]`` change, with one exception: ``vision_attention`` batches the
+vision tower's per-sequence attention loop (Qwen-VL), the same arithmetic in a few calls; the projector never
+changes. Nothing is
 patched in source text: each op replaces ``forward`` on the module *instances* it finds (the class and every
 other model of the family are untouched), and the adapter's data (``norm_kind``, ``mlp_kind``, ``rope_kind``)
 says which kernel variant to use. The ops (``ALL_OPS``):
@@ -17,6 +19,9 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 - ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel.
 - ``lora_linear``: PEFT LoRA linears over an ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit`` base, with one
   active adapter and no dropout, DoRA or other variant (the rest keep PEFT's path, listed in ``skipped``).
+- ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
+  (:mod:`vlmtune.kernels.vision_attention`) instead of transformers' Python loop over ``cu_seqlens``; the
+  adapter's ``vision_attention_kind`` says which families have it.
 - ``cross_entropy``: the top-level forward computes the loss from the final hidden states with the fused
   linear cross-entropy, so the ``(tokens, vocab)`` logits never exist; it returns ``logits=None``.
   Without ``labels``, or with ``return_logits=True``, it is the original forward.
@@ -43,7 +48,7 @@ from vlmtune.adapters.base import Adapter
 
 logger = logging.getLogger(__name__)
 
-ALL_OPS = ("rms_norm", "rope", "mlp", "lora_linear", "cross_entropy")
+ALL_OPS = ("rms_norm", "rope", "mlp", "lora_linear", "cross_entropy", "vision_attention")
 
 # norm_kind -> (offset, casting) of vlmtune.kernels.rms_norm: Gemma scales by (1 + w) and casts once at the end.
 _NORM_STYLES = {"rms": (0.0, "llama"), "rms_gemma": (1.0, "gemma")}
@@ -135,7 +140,7 @@ def apply_kernels(model: torch.nn.Module, adapter: Adapter, ops: tuple[str, ...]
         patch.revert()
         raise
     for op in ops:
-        if not patch.patched[op]:
+        if not patch.patched[op] and not (op == "vision_attention" and adapter.vision_attention_kind is None):
             logger.warning("kernel op %r found nothing to patch in %s", op, type(base).__name__)
     logger.info(
         "Triton kernels on %s: %s; %d LoRA layers keep PEFT's path",
@@ -506,7 +511,35 @@ def _keeps_all(logits_to_keep) -> bool:
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
+# --- vision_attention -------------------------------------------------------------------------------------
+
+# vision_attention_kind -> the forward replacing the vision tower's attention modules, and the modeling
+# module's function that forward rotates q / k with.
+_VISION_ATTENTION_STYLES = {"cu_seqlens": ("qwen_vision_attention_forward", "apply_rotary_pos_emb_vision")}
+
+
+def _patch_vision_attention(base, language, adapter, patch) -> None:
+    if adapter.vision_attention_kind is None:
+        return
+    forward_name, rotate_name = _style(
+        _VISION_ATTENTION_STYLES, adapter.vision_attention_kind, "vision_attention_kind", adapter
+    )
+    forward = _kernel("vision_attention", forward_name)
+    for name, module in base.named_modules():
+        rotate = getattr(sys.modules.get(type(module).__module__), rotate_name, None)
+        if (
+            adapter.tower_of(name) != "vision"
+            or not type(module).__name__.endswith("VisionAttention")
+            or rotate is None
+            or not all(hasattr(module, a) for a in ("qkv", "proj", "num_heads"))
+        ):
+            continue
+        _swap_forward(module, forward, patch, rotate)
+        patch.patched["vision_attention"].append(name)
+
+
 _PATCHERS = {
+    "vision_attention": _patch_vision_attention,
     "rms_norm": _patch_rms_norm,
     "rope": _patch_rope,
     "mlp": _patch_mlp,

@@ -1,0 +1,149 @@
+"""Attention over many variable-length sequences packed in one tensor (Qwen-VL's windows and images), in few calls.
+
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL's vision towers hold every patch of every image in one ``(T, hidden)`` tensor
+and describe the sequences that attend to each other with ``cu_seqlens`` (one per image, or one per window in
+Qwen2.5-VL's windowed layers). With ``sdpa`` or ``eager`` attention transformers loops over those sequences in
+Python, one attention call each, in every block and again in the checkpointed recomputation: batch 8 of 448x448
+images on Qwen2.5-VL-7B issues about 11,000 attention kernels per step and leaves the GPU idle most of the time.
+
+:func:`varlen_attention` computes the same thing in one call per block where the hardware allows:
+
+* on CUDA in 16-bit, with torch's flash ``varlen_attn`` (``torch.nn.attention.varlen``) when this torch has it;
+* otherwise by length group: sequences of equal length are gathered into one ``(n, heads, L, head_dim)`` batch
+  and run through one ``scaled_dot_product_attention`` call. A batch of same-size images, or Qwen2.5-VL's
+  windows (all full-size but the ones on an image's right and bottom edges), makes a handful of groups; when
+  every sequence has the same length the gather is a free ``view``.
+
+Either way the arithmetic per sequence is the one the loop does (softmax over that sequence's keys only,
+``scale = head_dim ** -0.5``), so results match it to the kernel's rounding. The grouping is worked out once per
+``cu_seqlens`` tensor (one device-to-host copy per forward instead of one per block) and reused by every block
+and by the recomputation in backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _torch_varlen_attn = None
+
+# Which implementation varlen_attention picks: "auto" (torch varlen on CUDA in 16-bit, else grouped SDPA),
+# "grouped" (always grouped SDPA) or "torch_varlen". Benchmarks and GPU tests set it to compare the two.
+BACKEND = "auto"
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """How the sequences of one ``cu_seqlens`` are batched.
+
+    Attributes:
+        total: tokens covered (``cu_seqlens[-1]``).
+        max_len: the longest sequence.
+        uniform: ``(n, L)`` when all ``n`` sequences have length ``L`` (the tensor is then a plain view).
+        groups: ``(L, index)`` per distinct length: ``index`` holds the token rows of every sequence of that
+            length, sequence after sequence, on the device of ``cu_seqlens``.
+    """
+
+    total: int
+    max_len: int
+    uniform: tuple[int, int] | None
+    groups: tuple[tuple[int, torch.Tensor], ...]
+
+
+_last_plan: tuple[weakref.ref, SequencePlan] | None = None
+
+
+def plan_sequences(cu_seqlens: torch.Tensor) -> SequencePlan:
+    """The :class:`SequencePlan` of ``cu_seqlens`` (cached for the most recent tensor object)."""
+    global _last_plan
+    if _last_plan is not None and _last_plan[0]() is cu_seqlens:
+        return _last_plan[1]
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    starts = [a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    total = bounds[-1] - bounds[0]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    uniform = (len(lengths), lengths[0]) if lengths and len(set(lengths)) == 1 else None
+    groups = []
+    if uniform is None:
+        by_length: dict[int, list[int]] = {}
+        for start, length in zip(starts, lengths):
+            by_length.setdefault(length, []).append(start)
+        for length, group_starts in sorted(by_length.items()):
+            first = torch.tensor(group_starts, dtype=torch.long)
+            index = (first[:, None] + torch.arange(length)[None, :]).reshape(-1)
+            groups.append((length, index.to(cu_seqlens.device, non_blocking=True)))
+    plan = SequencePlan(total=total, max_len=max(lengths, default=0), uniform=uniform, groups=tuple(groups))
+    _last_plan = (weakref.ref(cu_seqlens), plan)
+    return plan
+
+
+def varlen_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """Bidirectional attention within each sequence of ``cu_seqlens``.
+
+    Args:
+        query, key, value: ``(T, heads, head_dim)``, the sequences one after another.
+        cu_seqlens: ``(N + 1,)`` integer boundaries, from 0 to ``T`` (empty sequences allowed).
+
+    Returns:
+        ``(T, heads, head_dim)`` in the dtype of ``query``; scale ``head_dim ** -0.5``.
+    """
+    plan = plan_sequences(cu_seqlens)
+    if plan.total != query.shape[0]:
+        raise ValueError(f"cu_seqlens covers {plan.total} tokens, the query has {query.shape[0]}")
+    if _use_torch_varlen(query):
+        cu = cu_seqlens.to(torch.int32)
+        return _torch_varlen_attn(query, key, value, cu, cu, plan.max_len, plan.max_len)
+    return _grouped_sdpa(query, key, value, plan)
+
+
+def _use_torch_varlen(query: torch.Tensor) -> bool:
+    if BACKEND == "grouped":
+        return False
+    available = _torch_varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if BACKEND == "torch_varlen" and not available:
+        raise RuntimeError("torch varlen attention needs torch >= 2.10 and CUDA tensors in float16 / bfloat16")
+    return available
+
+
+def _grouped_sdpa(query, key, value, plan: SequencePlan) -> torch.Tensor:
+    tokens, heads, dim = query.shape
+    if plan.uniform is not None:
+        n, length = plan.uniform
+        q, k, v = (t.view(n, length, heads, dim).transpose(1, 2) for t in (query, key, value))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(tokens, heads, dim)
+    out = query.new_zeros(tokens, heads, dim)
+    for length, index in plan.groups:
+        q, k, v = (t.index_select(0, index).view(-1, length, heads, dim).transpose(1, 2) for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, heads, dim)
+        out = out.index_copy(0, index, attended)
+    return out
+
+
+def qwen_vision_attention_forward(
+    self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, rotary_pos_emb=None, position_embeddings=None, **_
+) -> torch.Tensor:
+    """Forward of a Qwen-VL ``*VisionAttention`` (``qkv`` / ``proj`` linears) with :func:`varlen_attention`.
+
+    Bound on the module instance by :mod:`vlmtune.kernels.patch`, which stores the modeling module's own
+    ``apply_rotary_pos_emb_vision`` as the swap's data, so the rotation is the family's exactly.
+    """
+    rotate = self._vlmtune_kernel.data
+    tokens = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1).unbind(1)
+    if position_embeddings is None:  # transformers releases that still pass the raw rotary angles
+        angles = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+        position_embeddings = (angles.cos(), angles.sin())
+    cos, sin = position_embeddings
+    query, key = rotate(query, key, cos, sin)
+    attended = varlen_attention(query, key, value, cu_seqlens)
+    return self.proj(attended.reshape(tokens, -1))
