@@ -201,6 +201,8 @@ class BenchConfig:
         liger: Liger-Kernel's patch for the family, applied to the loaded model.
         kernels: vlmtune's Triton kernels (``vlmtune.kernels.patch.apply_kernels``).
         offload: vlmtune's activation offload (``TuningConfig(offload_activations=True)``).
+        lora_dtype: vlmtune's ``TuningConfig.lora_dtype`` (``"float32"`` or ``"compute"``).
+        vision_micro_batch: vlmtune's ``TuningConfig.vision_micro_batch`` (images per vision-tower pass).
         summary: one line for BENCHMARKS.md.
     """
 
@@ -211,6 +213,8 @@ class BenchConfig:
     liger: bool = False
     kernels: bool = False
     offload: bool = False
+    lora_dtype: str = "float32"
+    vision_micro_batch: int | None = 2
 
     @property
     def needs_cuda(self) -> bool:
@@ -236,6 +240,21 @@ CONFIGS: dict[str, BenchConfig] = {
         "vlmtune QLoRA, kernels on, checkpointed activations offloaded to CPU",
         kernels=True,
         offload=True,
+    ),
+    "vlmtune_qlora_kernels_offload_bf16lora": BenchConfig(
+        "vlmtune",
+        True,
+        "vlmtune QLoRA, kernels on, offload, LoRA weights in bf16 (lora_dtype='compute')",
+        kernels=True,
+        offload=True,
+        lora_dtype="compute",
+    ),
+    "vlmtune_qlora_kernels_nomicro": BenchConfig(
+        "vlmtune",
+        True,
+        "vlmtune QLoRA, kernels on, the vision tower on all images at once (vision_micro_batch=None)",
+        kernels=True,
+        vision_micro_batch=None,
     ),
     "vlmtune_bf16": BenchConfig("vlmtune", False, "vlmtune bf16 LoRA, kernels off"),
     "vlmtune_bf16_kernels": BenchConfig("vlmtune", False, "vlmtune bf16 LoRA with kernels", kernels=True),

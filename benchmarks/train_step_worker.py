@@ -128,7 +128,15 @@ def setup_vlmtune(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: s
         except ImportError as err:
             raise NotAvailable(f"vlmtune.kernels.patch is not importable ({err})") from err
     model, _, adapter = vlmtune.load(checkpoint, quant="nf4" if cfg.quant else "none", device=device)
-    tuning = TuningConfig(vision=vision, language="lora", r=LORA_R, alpha=LORA_ALPHA, offload_activations=cfg.offload)
+    tuning = TuningConfig(
+        vision=vision,
+        language="lora",
+        r=LORA_R,
+        alpha=LORA_ALPHA,
+        offload_activations=cfg.offload,
+        lora_dtype=cfg.lora_dtype,
+        vision_micro_batch=cfg.vision_micro_batch,
+    )
     model = apply_tuning(model, adapter, tuning)
     info: dict[str, Any] = {}
     if apply_kernels is not None:
@@ -253,6 +261,35 @@ def profile_after(model, optimizer, batch, keys, device: str) -> dict[str, Any]:
         return {"status": "error", "reason": reason, "traceback": traceback.format_exc()[-3000:]}
 
 
+def memory_phases(model, optimizer, batch, keys, device: str) -> dict[str, float]:
+    """One more step with the peak memory of each phase (GiB): where a configuration's peak comes from.
+
+    ``start``: allocated before the step (weights, optimizer state, caches); ``forward_peak`` / ``backward_peak``
+    / ``optimizer_peak``: the highest allocation within that phase; ``saved_for_backward``: what the forward
+    left allocated (activations kept for backward) over ``start``.
+    """
+    inputs = _inputs(batch, keys, device)
+    phases: dict[str, float] = {}
+    torch.cuda.synchronize()
+    phases["start"] = torch.cuda.memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        loss = model(**inputs).loss
+    torch.cuda.synchronize()
+    phases["forward_peak"] = torch.cuda.max_memory_allocated() / GIB
+    phases["saved_for_backward"] = torch.cuda.memory_allocated() / GIB - phases["start"]
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    phases["backward_peak"] = torch.cuda.max_memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    phases["optimizer_peak"] = torch.cuda.max_memory_allocated() / GIB
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
 def _count_images(batch: dict[str, torch.Tensor]) -> int:
     if "image_grid_thw" in batch:
         return int(batch["image_grid_thw"].shape[0])
@@ -304,6 +341,8 @@ def run(
         train_loop(model, optimizer, batches, keys, device, warmup, steps, load_start, result)
         result["status"] = "ok"
         result.update(_peak(device))
+        if device.startswith("cuda"):
+            result["memory_phases_gib"] = memory_phases(model, optimizer, batches[0], keys, device)
         if profile:
             batch = batches[(warmup + steps) % len(batches)]
             result["profile"] = profile_after(model, optimizer, batch, keys, device)

@@ -64,6 +64,7 @@ def test_both_vocabularies_select_the_same_modules(tiny_qwen):
         (dict(last_n_layers=0), "last_n_layers"),
         (dict(lora_dtype="int4"), "lora_dtype"),
         (dict(vision_lr=-1.0), "vision_lr must be positive"),
+        (dict(vision_micro_batch=0), "vision_micro_batch must be >= 1"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(kwargs, message):
@@ -102,6 +103,35 @@ def test_activation_offload_gives_the_same_loss_and_gradients(tiny_gemma, latex_
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("vision", ["lora", "frozen"])
+def test_vision_micro_batch_gives_the_same_loss_and_gradients(vision, tiny_gemma):
+    from vlmtune.testing import collate, noise, single
+
+    def run(micro_batch):
+        model, processor, adapter = vlmtune.load(tiny_gemma)
+        model = apply_tuning(model, adapter, TuningConfig(vision=vision, vision_micro_batch=micro_batch)).train()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        calls = []
+        tower = model.get_base_model().get_submodule(adapter.towers["vision"][0])
+        tower.embeddings.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+        collator = Collator(adapter, processor, model.config)
+        rows = [(single(f"Q{i}", f"a_{i}"), [noise((40 + 8 * i, 64), i)]) for i in range(3)]
+        loss = model(**collate(collator, *rows)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+
+    loss, grads, calls = run(None)
+    chunked_loss, chunked_grads, chunked_calls = run(2)
+    assert calls == [3] and chunked_calls == [2, 1]  # three images: one pass, then passes of two and one
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=0)
+    assert chunked_grads.keys() == grads.keys() and any(".vision_tower." in n for n in grads) == (vision == "lora")
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-8, msg=name)
 
 
 # --- every combination of tower modes: LoRA modules, trainable parameters and optimizer state agree -----------

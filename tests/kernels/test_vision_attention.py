@@ -24,7 +24,7 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 def loop_reference(query, key, value, cu_seqlens):
     """transformers' sdpa path: one attention call per sequence, outputs concatenated."""
     outputs = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
         q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
         outputs.append(F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1))
     return torch.cat(outputs)
@@ -69,7 +69,7 @@ def _check(bounds, dtype, device, tol):
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     got.backward(grad)
     want.backward(grad)
-    for mine, theirs in zip(got_inputs, want_inputs):
+    for mine, theirs in zip(got_inputs, want_inputs, strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=tol, atol=tol)
 
 

@@ -114,6 +114,8 @@ class Adapter:
         vision_attention_kind: ``"cu_seqlens"`` where the vision tower's attention runs over sequences
             delimited by ``cu_seqlens`` (Qwen-VL), which the ``vision_attention`` kernel op batches; ``None``
             leaves the vision attention as it is.
+        vision_takes_image_batch: the vision tower is called as ``tower(pixel_values=(N, C, H, W))`` and treats
+            each image on its own, so it can run a few images at a time (``TuningConfig.vision_micro_batch``).
         image_options: the user-settable image options and their defaults (documented per family).
         load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout):
             ``(path, **from_pretrained_kwargs) -> model``; ``None`` uses ``AutoModelForImageTextToText``.
@@ -134,6 +136,7 @@ class Adapter:
     mlp_kind: str
     rope_kind: str
     vision_attention_kind: str | None = None
+    vision_takes_image_batch: bool = False
     image_options: Mapping[str, Any] = field(default_factory=dict)
     load_model: Callable[..., Any] | None = None
     load_processor: Callable[..., Any] | None = None

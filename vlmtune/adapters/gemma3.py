@@ -76,6 +76,7 @@ GEMMA3 = Adapter(
     norm_kind="rms_gemma",
     mlp_kind="geglu_tanh",
     rope_kind="standard",
+    vision_takes_image_batch=True,
     image_options={
         "do_pan_and_scan": None,
         "pan_and_scan_min_crop_size": None,

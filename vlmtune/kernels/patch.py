@@ -7,9 +7,9 @@
     ...                                            # train: same numbers as the plain path, less time and memory
     patch.revert()                                 # every forward is again exactly what it was
 
-Only modules under ``adapter.towers["language"]`` change, with one exception: ``vision_attention`` batches the
-vision tower's per-sequence attention loop (Qwen-VL), the same arithmetic in a few calls; the projector never
-changes. Nothing is
+Only modules under ``adapter.towers["language"]`` change, with two exceptions: ``lora_linear`` takes every
+eligible LoRA layer of every tower, and ``vision_attention`` batches the vision tower's per-sequence attention
+loop (Qwen-VL), the same arithmetic in a few calls. Nothing is
 patched in source text: each op replaces ``forward`` on the module *instances* it finds (the class and every
 other model of the family are untouched), and the adapter's data (``norm_kind``, ``mlp_kind``, ``rope_kind``)
 says which kernel variant to use. The ops (``ALL_OPS``):
@@ -17,7 +17,7 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 - ``rms_norm``: every ``*RMSNorm`` with a ``weight`` (Gemma-3's ``q_norm`` / ``k_norm`` included).
 - ``rope``: the attention modules' call of their modeling module's ``apply_rotary_pos_emb``.
 - ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel.
-- ``lora_linear``: PEFT LoRA linears over an ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit`` base, with one
+- ``lora_linear``: PEFT LoRA linears (any tower) over an ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit`` base, with one
   active adapter and no dropout, DoRA or other variant (the rest keep PEFT's path, listed in ``skipped``).
 - ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
   (:mod:`vlmtune.kernels.vision_attention`) instead of transformers' Python loop over ``cu_seqlens``; the
@@ -309,8 +309,10 @@ def _patch_lora_linear(base, language, adapter, patch) -> None:
     from peft.tuners.lora import LoraLayer
 
     kernel = _kernel("lora_linear", "lora_linear")
-    for name, module in language:
-        if not isinstance(module, LoraLayer):
+    # Every tower's LoRA layers: in the vision tower PEFT's path casts each input to the fp32 LoRA weights and
+    # autocast casts it back, keeping an extra copy of every LoRA'd linear's input for backward.
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or adapter.tower_of(name) is None:
             continue
         reason, adapter_name, quantized = _lora_eligibility(module)
         if reason:

@@ -65,8 +65,8 @@ def plan_sequences(cu_seqlens: torch.Tensor) -> SequencePlan:
     if _last_plan is not None and _last_plan[0]() is cu_seqlens:
         return _last_plan[1]
     bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    starts = [a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    spans = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    lengths = [n for _, n in spans]
     total = bounds[-1] - bounds[0]
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -74,7 +74,7 @@ def plan_sequences(cu_seqlens: torch.Tensor) -> SequencePlan:
     groups = []
     if uniform is None:
         by_length: dict[int, list[int]] = {}
-        for start, length in zip(starts, lengths):
+        for start, length in spans:
             by_length.setdefault(length, []).append(start)
         for length, group_starts in sorted(by_length.items()):
             first = torch.tensor(group_starts, dtype=torch.long)
