@@ -103,7 +103,21 @@ class TrainResult:
     skipped_rows: dict[str, int]
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype):
+def find_unused_parameters(model, adapter: Adapter, tuning: TuningConfig) -> bool:
+    """DDP's ``find_unused_parameters`` for a run: on exactly when something outside the language tower trains.
+
+    A batch of text-only rows never runs the vision tower or the projector, so on a rank whose batch has no image
+    their trainable parameters get no gradient; unless DDP looks for unused parameters, the ranks then wait on
+    different all-reduces (a hang) or the next step fails. Whether a batch holds an image changes from step to
+    step and from rank to rank, so this is decided from the towers, not from the data. The search costs one walk
+    of the autograd graph per step, small next to a vision forward; language-only runs (QLoRA's usual case) use
+    every trainable parameter every step and skip it. (transformers' own default is on for a ``PeftModel`` and
+    off for a checkpointed ``PreTrainedModel``: right here by accident, so vlmtune says it explicitly.)
+    """
+    return any(group["name"] != "language" for group in param_groups(model, adapter, tuning, lr=1.0))
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool):
     from transformers import TrainingArguments
 
     on_cuda = torch.cuda.is_available()
@@ -133,6 +147,8 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype):
         disable_tqdm=False,
         # gradient checkpointing is set up by vlmtune.tuning (non-reentrant); don't let Trainer redo it.
         gradient_checkpointing=False,
+        # Non-reentrant checkpointing works with it (the reentrant kind is what transformers' own default avoids).
+        ddp_find_unused_parameters=find_unused,
     )
 
 
@@ -201,7 +217,7 @@ def train(
         patch = apply_kernels(model, adapter)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, dtype),
+        args=_training_arguments(config, dtype, find_unused_parameters(model, adapter, tuning)),
         train_dataset=dataset,
         data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],

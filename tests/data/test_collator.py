@@ -14,8 +14,10 @@ from vlmtune.data.collator import (
     Collator,
     PreparedDataset,
     SampleTooLong,
+    answer_regions,
     expand_images,
     render_with_spans,
+    tokenize,
 )
 from vlmtune.data.schema import DataError
 
@@ -123,15 +125,119 @@ def test_expand_images_wrong_count_names_the_row(expansions):
         expand_images(text, spans, "<img>", expansions, 7)
 
 
-def test_literal_image_tag_in_answer_is_text_or_a_clear_error(collator, qwen):
-    _, config = qwen
-    answer = "see <|image_pad|> here"
-    try:
-        batch = collator([{"index": 3, "row": row(answer=answer)}])
-    except DataError as err:  # refusing the row clearly is acceptable
-        assert str(err).startswith("row 3: ")
-        return
-    assert image_tokens_per_sample(batch, config) == [4]  # only the image's own 4 tokens
+# --- a literal image tag in an answer is text --------------------------------------------------------------
+
+# Per family: the generic tag, the family's own placeholder and the image markers its tokenizer holds as special
+# tokens (Qwen: <|image_pad|>; Gemma-3: <start_of_image> ...; MiniCPM-V: <image>, its query filler <unk>).
+LITERAL_TAGS = {
+    "qwen2_5_vl": ["<image>", "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"],
+    "gemma3": ["<image>", "<start_of_image>", "<image_soft_token>", "<start_of_image><end_of_image>"],
+    "minicpmv": ["<image>", "(<image>./</image>)", "<slice><unk></slice>"],
+    "minicpmv4_6": ["<image>", "<|image_pad|>", "<image_id>0</image_id>"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_minicpmv(tmp_path_factory):
+    from vlmtune.tiny import build
+
+    return build("minicpmv", tmp_path_factory.mktemp("tiny_minicpmv"))
+
+
+@pytest.fixture(scope="module")
+def tiny_minicpmv4_6(tmp_path_factory):
+    from vlmtune.tiny import build
+
+    return build("minicpmv4_6", tmp_path_factory.mktemp("tiny_minicpmv4_6"))
+
+
+@pytest.fixture(scope="module")
+def family_models(tiny_qwen, tiny_gemma, tiny_minicpmv, tiny_minicpmv4_6):
+    import vlmtune
+
+    paths = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma, "minicpmv": tiny_minicpmv, "minicpmv4_6": tiny_minicpmv4_6}
+    return {family: vlmtune.load(path) for family, path in paths.items()}
+
+
+def supervised(encoded) -> list[int]:
+    return [label for label in encoded.labels if label != IGNORE_INDEX]
+
+
+@pytest.mark.parametrize(("family", "tag"), [(f, t) for f, tags in LITERAL_TAGS.items() for t in tags])
+def test_literal_image_tag_in_answer_is_plain_text(family_models, family, tag):
+    model, processor, adapter = family_models[family]
+    collator = Collator(adapter, processor, model.config)
+    tokenizer = processor.tokenizer
+    answer = f"the tag {tag} is text"
+    images = [noise((56, 56)), noise((80, 60), seed=1)]
+    messages = [turn("user", "Compare.", 2), turn("assistant", answer), turn("user", "Again?"), turn("assistant", tag)]
+    plain = [*messages[:1], turn("assistant", "the tag x is text"), messages[2], turn("assistant", "x")]
+    with_tag = collator.encode({"messages": messages, "images": images}, 0)
+    without = collator.encode({"messages": plain, "images": images}, 0)
+
+    # The same images, the same image tokens, the same prompt up to the first answer: nothing shifted.
+    assert with_tag.images.tensors.keys() == without.images.tensors.keys()
+    for key, value in without.images.tensors.items():
+        assert torch.equal(with_tag.images.tensors[key], value), key
+    first = without.labels.index(supervised(without)[0])
+    assert with_tag.input_ids[:first] == without.input_ids[:first]
+    image_ids = collator.image_token_ids()
+    n_image = sum(t in image_ids for t in without.input_ids)
+    assert n_image > 0 and sum(t in image_ids for t in with_tag.input_ids) == n_image
+
+    # The answers' labels are the answers tokenized as ordinary text, each closed by the end-of-turn token.
+    end = tokenizer.convert_tokens_to_ids(adapter.end_of_turn)
+    expected = []
+    for text in (answer, tag):
+        expected += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [end]
+    assert supervised(with_tag) == expected
+    assert tokenizer.decode(supervised(with_tag)) == f"{answer}{adapter.end_of_turn}{tag}{adapter.end_of_turn}"
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    assert [t for t in supervised(with_tag) if t in special] == [end, end]
+
+    # And the model takes the batch as it takes the one without the tag (MiniCPM-V's image bounds included).
+    batch = collator.pad([with_tag, without])
+    if "image_bound" in batch:
+        assert torch.equal(batch["image_bound"][0], batch["image_bound"][1])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize("family", list(LITERAL_TAGS))
+def test_answers_tokenized_on_their_own_give_the_tokens_of_one_call(family_models, family):
+    # What lets a literal answer be tokenized apart without moving any other token (see collator.tokenize).
+    _, processor, adapter = family_models[family]
+    answers = ["x", " lead and trail ", "\n\nnew\nlines\n", "(a)\t{b}", "ünï ✓ 数学", "1. a\n2. b"]
+    messages = [turn("user", "Q")]
+    for answer in answers:
+        messages += [turn("assistant", answer), turn("user", "more?\n")]
+    text, spans = render_with_spans(processor, messages[:-1], 0)
+    regions = answer_regions(text, spans, adapter.end_of_turn)
+    assert len(regions) == len(answers)
+    assert tokenize(processor.tokenizer, text, regions) == tokenize(processor.tokenizer, text, [])
+
+
+@pytest.mark.parametrize(
+    ("family", "question", "message"),
+    [
+        ("qwen2_5_vl", "Look: <|image_pad|>", r"the rendered prompt holds 2 image tag\(s\) for 1 image\(s\)"),
+        (
+            "gemma3",
+            "Look: <image_soft_token>",
+            r"holds 17 '<image_soft_token>' token\(s\) where its 1 image\(s\) need 16",
+        ),
+        ("gemma3", "Look: <start_of_image>", r"the rendered prompt holds 2 image tag\(s\) for 1 image\(s\)"),
+        ("minicpmv", "Look: <image>", r"holds 2 '<image>' token\(s\) where its 1 image\(s\) need 1"),
+        ("minicpmv", "Look: (<image>./</image>)", r"the rendered prompt holds 2 image tag\(s\) for 1 image\(s\)"),
+        ("minicpmv4_6", "Look: <image>", r"holds 2 '<image>' token\(s\) where its 1 image\(s\) need 1"),
+    ],
+)
+def test_literal_image_tag_in_a_user_turn_counts_and_must_match(family_models, family, question, message):
+    model, processor, adapter = family_models[family]
+    collator = Collator(adapter, processor, model.config)
+    with pytest.raises(DataError, match=rf"^row 6: {message}") as info:
+        collator.encode(row(question=question), 6)
+    assert info.value.kind == "image count"
 
 
 # --- encode errors name the row ---------------------------------------------------------------------------

@@ -5,7 +5,14 @@ import io
 import pytest
 from PIL import Image
 
-from vlmtune.data.schema import DataError, count_image_parts, load_image, text_of, validate_row
+from vlmtune.data.schema import (
+    DataError,
+    count_image_parts,
+    decoded_messages,
+    load_image,
+    text_of,
+    validate_row,
+)
 
 
 def turn(role, text, n_images=0):
@@ -211,3 +218,137 @@ def test_cmyk_converts_to_rgb():
 
     image = load_image(Image.new("CMYK", (2, 2), (0, 255, 255, 0)), 0)  # pure cyan-free red in CMYK terms
     assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [255, 0, 0]
+
+
+def png16(array) -> bytes:
+    """A 16-bit PNG written by hand (gray ``(H, W)``, RGB ``(H, W, 3)`` or RGBA ``(H, W, 4)`` uint16): PIL writes
+    16-bit grayscale only."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    color = 0 if array.ndim == 2 else {3: 2, 4: 6}[array.shape[2]]
+    raw = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _sixteen_bit(channels: tuple[int, ...]):
+    import numpy as np
+
+    return png16(np.broadcast_to(np.array(channels, dtype=np.uint16), (2, 3, len(channels))).copy())
+
+
+def _cmyk_jpeg() -> bytes:
+    return encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
+
+
+def _palette_with_transparency() -> bytes:
+    image = Image.new("P", (3, 2), 0)
+    image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    image.info["transparency"] = 0  # palette entry 0 (black) is see-through
+    return encoded(image)
+
+
+@pytest.mark.parametrize(
+    ("make", "mode", "pixel"),
+    [
+        (lambda: _sixteen_bit((65535, 32768, 255)), "RGB", (255, 128, 0)),  # PIL keeps each channel's high byte
+        (lambda: _sixteen_bit((65535, 0, 0, 0)), "RGBA", (255, 255, 255)),  # fully transparent: white
+        (lambda: _sixteen_bit((65535, 0, 0, 65535)), "RGBA", (255, 0, 0)),
+        (_cmyk_jpeg, "CMYK", (255, 0, 0)),
+        (_palette_with_transparency, "P", (255, 255, 255)),
+        (lambda: encoded(Image.new("LA", (3, 2), (40, 255))), "LA", (40, 40, 40)),
+    ],
+    ids=["png-16bit-rgb", "png-16bit-rgba-transparent", "png-16bit-rgba-opaque", "jpeg-cmyk", "palette-trns", "la"],
+)
+def test_more_encoded_modes_become_rgb(make, mode, pixel):
+    data = make()
+    with Image.open(io.BytesIO(data)) as raw:
+        assert raw.mode == mode  # the file really is in that mode
+    image = load_image(data, 0)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == pixel
+
+
+def test_text_may_be_utf8_bytes_and_other_bytes_name_the_row():
+    row = {"messages": [turn("user", "q"), turn("assistant", "café".encode())]}
+    validate_row(row, 0)
+    assert text_of(row["messages"][1]["content"]) == "café"
+    assert decoded_messages(row["messages"], 0)[1]["content"] == [{"type": "text", "text": "café"}]
+    assert row["messages"][1]["content"][0]["text"] == "café".encode()  # the input is left as it was
+    assert decoded_messages([{"role": "user", "content": bytearray(b"hi")}], 0)[0]["content"] == "hi"
+
+    latin1 = {"messages": [turn("user", "q"), turn("assistant", "café".encode("latin-1"))]}
+    with pytest.raises(DataError, match=r"^row 3: message 1 part 0 text is not valid UTF-8 \(byte 0xe9 at offset 3"):
+        validate_row(latin1, 3)
+    as_string = {"messages": [{"role": "user", "content": b"\xff question"}, turn("assistant", "a")]}
+    with pytest.raises(DataError, match=r"^row 3: message 0 content is not valid UTF-8 \(byte 0xff at offset 0") as e:
+        validate_row(as_string, 3)
+    assert e.value.kind == "non-UTF-8 text"
+    with pytest.raises(DataError, match=r"^row 3: message 1 part 0 text must be a string, got int"):
+        validate_row(
+            {"messages": [turn("user", "q"), {"role": "assistant", "content": [{"type": "text", "text": 7}]}]}, 3
+        )
+
+
+def test_empty_user_turn_and_image_in_an_assistant_turn_name_the_row():
+    empty = {"messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}, turn("assistant", "a")]}
+    with pytest.raises(DataError, match=r"^row 1: user turn \(message 0\) is empty: no text and no image") as e:
+        validate_row(empty, 1)
+    assert e.value.kind == "empty prompt"
+    validate_row({"messages": [turn("user", "", 1), turn("assistant", "a")], "images": ["x.png"]}, 1)  # image only
+
+    drawn = {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "here"}]}
+    with pytest.raises(DataError, match=r"^row 1: assistant turn \(message 1\) holds an image part") as e:
+        validate_row({"messages": [turn("user", "draw"), drawn], "images": ["x.png"]}, 1)
+    assert e.value.kind == "image count"
+    assert count_image_parts([turn("user", "q", 2), drawn]) == 2  # assistant parts are not image tags
+
+
+@pytest.mark.parametrize(
+    ("make", "message", "kind"),
+    [
+        (lambda tmp: b"", r"image data is empty \(0 bytes\)", "unreadable image"),
+        (lambda tmp: _file(tmp, b""), r"image file '.*empty\.png' is empty \(0 bytes\)", "unreadable image"),
+        (lambda tmp: {"bytes": b"", "path": None}, "image entry has neither bytes nor path", "missing image"),
+        (lambda tmp: Image.new("RGB", (0, 0)), "image has size 0x0", "unreadable image"),
+        (lambda tmp: Image.new("RGB", (0, 5)), "image has size 0x5", "unreadable image"),
+        (
+            lambda tmp: _file(tmp, _truncated_jpeg()),
+            r"cannot decode image \(OSError: image file is truncated",
+            "unreadable image",
+        ),
+        (lambda tmp: str(tmp), r"cannot decode image \(IsADirectoryError", "unreadable image"),
+    ],
+    ids=["empty-bytes", "empty-file", "empty-entry", "0x0", "0x5", "truncated-jpeg-file", "a-directory"],
+)
+def test_empty_zero_size_and_truncated_images_name_the_row(tmp_path, make, message, kind):
+    with pytest.raises(DataError, match=rf"^row 5: {message}") as info:
+        load_image(make(tmp_path), 5)
+    assert info.value.kind == kind
+
+
+def _file(folder, data: bytes):
+    path = folder / "empty.png"
+    path.write_bytes(data)
+    return path
+
+
+def _truncated_jpeg() -> bytes:
+    import numpy as np
+
+    data = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    return data[: len(data) // 2]
+
+
+def test_image_over_the_decompression_bomb_limit_names_the_row(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice the limit
+    with pytest.raises(DataError, match=r"^row 9: image is too large to decode safely .*MAX_IMAGE_PIXELS") as info:
+        load_image(encoded(Image.new("RGB", (100, 30))), 9)
+    assert info.value.kind == "image too large"
+    with pytest.warns(Image.DecompressionBombWarning):  # over the limit but under twice: decoded, with PIL's warning
+        assert load_image(encoded(Image.new("RGB", (40, 40))), 9).size == (40, 40)

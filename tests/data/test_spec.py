@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.data.latex_ocr import make_latex_ocr
-from vlmtune.data.schema import load_image, validate_row
+from vlmtune.data.schema import DataError, load_image, text_of, validate_row
 from vlmtune.data.spec import DataSpec, load_rows
 
 BUNDLED = Path(__file__).resolve().parents[2] / "data_specs"
@@ -254,3 +254,76 @@ def test_jsonl_relative_image_paths_resolve_against_the_data_folder(chat_dir, mo
         )
         assert rows[0]["images"] == [str(chat_dir / "images" / "red.png")]
         assert load_image(rows[0]["images"][0], 0).getpixel((0, 0)) == (255, 0, 0)
+
+
+# --- text encodings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line", "column"),
+    [
+        ("train.jsonl", b'{"image": "a.png", "text": "ok"}\n{"image": "b.png", "text": "caf\xe9"}\n', 2, 32),
+        ("train.csv", b"image,text\na.png,ok\nb.png,na\xefve\n", 3, 9),
+        ("train.json", b'[\n {"image": "a.png",\n  "text": "\xff"}\n]\n', 3, 12),
+    ],
+    ids=["jsonl", "csv", "json"],
+)
+def test_file_that_is_not_utf8_names_the_file_and_line(tmp_path, name, content, line, column):
+    (tmp_path / name).write_bytes(content)
+    source_type = name.rsplit(".", 1)[1]
+    with pytest.raises(DataError, match=rf"{name} line {line}: not valid UTF-8 \(byte 0x.. at byte {column} of") as e:
+        load_rows(DataSpec(name="mine", source_type=source_type, path=str(tmp_path)))
+    assert e.value.kind == "non-UTF-8 text" and "iconv" in str(e.value)
+
+
+def test_utf8_files_of_every_text_format_load(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "text": "café ∑"}\n', encoding="utf-8")
+    (tmp_path / "train.csv").write_text("image,text\na.png,naïve\n", encoding="utf-8")
+    for source_type, answer in (("jsonl", "café ∑"), ("csv", "naïve")):
+        (row,) = load_rows(DataSpec(name="mine", source_type=source_type, path=str(tmp_path)))
+        assert row["messages"][1]["content"] == [{"type": "text", "text": answer}]
+        assert row["images"] == [str(tmp_path / "a.png")]
+
+
+def test_binary_text_column_is_decoded_or_names_the_row(tmp_path):
+    records = [
+        {"image": {"bytes": png((4, 4), (0, 0, 0)), "path": None}, "text": "x^{2} ≤ y".encode()},
+        {"image": {"bytes": png((4, 4), (0, 0, 0)), "path": None}, "text": "caf\xe9".encode("latin-1")},
+    ]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("binary")})
+    datasets.Dataset.from_list(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    rows = load_rows(DataSpec(name="binary", path=str(tmp_path)))
+    assert rows[0]["messages"][1]["content"] == [{"type": "text", "text": "x^{2} ≤ y".encode()}]  # as stored
+    validate_row(rows[0], 0)
+    assert text_of(rows[0]["messages"][1]["content"]) == "x^{2} ≤ y"
+    with pytest.raises(DataError, match=r"^row 1: message 1 part 0 text is not valid UTF-8 \(byte 0xe9") as e:
+        validate_row(rows[1], 1)
+    assert e.value.kind == "non-UTF-8 text"
+
+
+def test_csv_cells_are_read_as_written_and_empty_ones_are_empty(tmp_path):
+    # pandas alone would read this column as floats: "007" -> 7.0, "1.50" -> 1.5, the empty cell -> NaN ("nan").
+    (tmp_path / "train.csv").write_text("image,text\na.png,007\nb.png,\nc.png,1.50\nd.png,NA\n")
+    rows = load_rows(DataSpec(name="numbers", source_type="csv", path=str(tmp_path)))
+    assert [r["messages"][1]["content"][0]["text"] for r in rows] == ["007", "", "1.50", "NA"]
+    with pytest.raises(DataError, match=r"^row 1: assistant turn \(message 1\) is empty"):
+        validate_row(rows[1], 1)
+
+
+@pytest.mark.parametrize(
+    ("source_type", "columns", "missing", "available"),
+    [
+        ("jsonl", {"messages": "conversation", "images": "images"}, "conversation", "'messages', 'images'"),
+        ("csv", {"image": "picture", "text": "text"}, "picture", "'image', 'text'"),
+    ],
+)
+def test_spec_naming_a_column_that_does_not_exist_lists_the_columns(
+    chat_dir, tmp_path, source_type, columns, missing, available
+):
+    if source_type == "csv":
+        (tmp_path / "train.csv").write_text("image,text\na.png,x\n")
+    fmt = "chat" if "messages" in columns else "image_text"
+    folder = chat_dir if source_type == "jsonl" else tmp_path
+    spec = DataSpec(name="mine", format=fmt, source_type=source_type, path=str(folder), columns=columns)
+    with pytest.raises(ValueError, match=rf"names column\(s\) \['{missing}'\] .*available columns: \[{available}\]"):
+        load_rows(spec)

@@ -13,12 +13,25 @@ vision tower (``vit_merger``) and once in ``merger``, so a view of ``h x w`` pat
 ``"4x"`` skips the in-tower merge (``h * w / 4`` tokens). The vision tower is SigLIP-style (``fc1``/``fc2``
 MLP); the language tower is Qwen3.5, whose layers alternate Gated DeltaNet linear attention
 (``linear_attn.in_proj_qkv`` / ``in_proj_z`` / ``out_proj``) and full attention (``self_attn.q/k/v/o_proj``).
+
+Packed rows (:mod:`vlmtune.data.packing`): a DeltaNet layer carries a causal conv window and a recurrent state
+along the whole row, which no attention mask can cut. transformers passes the packed boundaries on as
+``cu_seq_lens_q``, but its reference PyTorch path ignores them (5.17) or refuses them without
+``flash-linear-attention`` (5.23), and even with it the conv window reads across a boundary (``causal_conv1d_fn``
+takes no ``cu_seqlens``). So :func:`load_model` gives every DeltaNet layer a forward that, when ``cu_seq_lens_q``
+is passed, runs the layer on each sample's slice alone (:func:`keep_packed_samples_apart`); without it the layer
+runs as before. The cost is one DeltaNet call per sample (its chunked scan pads each slice to 64 tokens).
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 
@@ -104,6 +117,81 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
     return {} if mode == model_config.downsample_mode else {"downsample_mode": mode}
 
 
+_PACKED = "_vlmtune_packed"
+_MISSING = object()
+
+
+@dataclass
+class _PerSample:
+    """Stored on a patched DeltaNet layer (so ``copy.deepcopy`` re-binds it): the forward it had before."""
+
+    inner: Callable
+
+
+def _per_sample_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
+    """The layer's own forward, run once per packed sample when ``cu_seq_lens_q`` ``(n + 1,)`` marks them."""
+    inner = getattr(self, _PACKED).inner
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    if bounds is None:
+        return inner(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+    if cache_params is not None or hidden_states.shape[0] != 1:
+        raise ValueError(
+            f"packed sequences (cu_seq_lens_q) need a single row and no cache; got {hidden_states.shape[0]} rows "
+            f"and a cache: {cache_params is not None} (pass use_cache=False)"
+        )
+    for key in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(key, None)
+    bounds = bounds.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        mask = None if attention_mask is None else attention_mask[:, start:end]
+        pieces.append(inner(hidden_states[:, start:end], cache_params=None, attention_mask=mask, **kwargs))
+    return torch.cat(pieces, dim=1)
+
+
+def keep_packed_samples_apart(model: torch.nn.Module) -> Callable[[], None]:
+    """Make every Gated DeltaNet layer (``*.linear_attn``) of the language tower run packed samples one by one.
+
+    Returns:
+        A function restoring the forwards the layers had before (the same objects).
+    """
+    restores = []
+    for name, module in model.named_modules():
+        if not name.endswith(".linear_attn") or MINICPMV4_6.tower_of(name) != "language" or _PACKED in vars(module):
+            continue
+        saved = vars(module).get("forward", _MISSING)
+        setattr(module, _PACKED, _PerSample(inner=module.forward))
+        module.forward = types.MethodType(_per_sample_forward, module)
+        restores.append((module, saved))
+
+    def restore() -> None:
+        for module, saved in restores:
+            delattr(module, _PACKED)
+            if saved is _MISSING:
+                delattr(module, "forward")
+            else:
+                module.forward = saved
+        restores.clear()
+
+    return restore
+
+
+def load_model(path: str | Path, **kwargs):
+    """``AutoModelForImageTextToText.from_pretrained(path, **kwargs)`` with :func:`keep_packed_samples_apart`."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    keep_packed_samples_apart(model)
+    return model
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained(path)``: transformers reads this layout natively."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
 _VISION = r"model\.vision_tower\.encoder\.layers\.(\d+)"
 _LANGUAGE = r"model\.language_model\.layers\.(\d+)"
 
@@ -146,4 +234,6 @@ MINICPMV4_6 = Adapter(
         "downsample_mode": None,
         "use_image_id": None,
     },
+    load_model=load_model,
+    load_processor=load_processor,
 )

@@ -6,6 +6,11 @@ template writes after it); prompt, image and pad positions are -100. Labels are 
 conversation is rendered with the chat template, the span of each assistant turn is found by rendering the
 conversation up to that turn, placeholders are expanded outside those spans, and the expanded text is tokenized
 once with offsets, so ``input_ids`` are exactly what the family's processor produces for the same text.
+
+Text written in an assistant turn is the answer, never markup: a literal image tag there (``<image>``,
+``<|image_pad|>``, ``<start_of_image>`` ...) is not counted as an image, not expanded, and where it spells one of
+the tokenizer's special tokens it is tokenized as plain text (see :func:`tokenize`). The family's processor would
+turn it into an image token with no image behind it; here it stays what the user wrote.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from vlmtune.adapters.base import Adapter, ImageBatch, validate_image_options
-from vlmtune.data.schema import DataError, load_image, validate_row
+from vlmtune.data.schema import DataError, decoded_messages, load_image, validate_row
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,12 @@ def expand_images(
     pieces.append((text[cursor:], False))
     n_tags = sum(p.count(placeholder) for p, supervised in pieces if not supervised)
     if n_tags != len(expansions):
-        raise DataError(index, f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s)")
+        raise DataError(
+            index,
+            f"the rendered prompt holds {n_tags} image tag(s) for {len(expansions)} image(s) "
+            f"(a {placeholder!r} written in a user or system turn counts as a tag)",
+            kind="image count",
+        )
     out, new_spans, next_image = [], [], iter(expansions)
     length = 0
     for piece, supervised in pieces:
@@ -92,6 +102,38 @@ def expand_images(
         out.append(piece)
         length += len(piece)
     return "".join(out), new_spans
+
+
+def answer_regions(text: str, spans: list[tuple[int, int]], end_of_turn: str) -> list[tuple[int, int]]:
+    """The part of each supervised span that the assistant's message wrote: the span less the template's
+    closing ``end_of_turn`` token (which stays markup)."""
+    return [(s, e - len(end_of_turn)) if text[s:e].endswith(end_of_turn) else (s, e) for s, e in spans]
+
+
+def tokenize(tokenizer, text: str, literal: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text``; inside the ``literal`` ranges special tokens are plain text.
+
+    Without literal ranges this is one tokenizer call, exactly what the family's processor does. Otherwise the
+    text is tokenized piece by piece, a literal piece exactly as ``tokenizer(piece, split_special_tokens=True)``
+    would. A literal range is an answer: it ends at the end-of-turn token, where the tokenizer cuts its input
+    anyway, and starts after the template's newline, where the supported families' pre-tokenizers split too
+    (so the other tokens come out as in one call; labels follow these offsets whatever the tokenizer).
+    """
+    pieces, cursor = [], 0
+    for start, end in literal:
+        pieces += [(cursor, start, False), (start, end, True)]
+        cursor = end
+    pieces.append((cursor, len(text), False))
+    ids, offsets = [], []
+    for start, end, split in pieces:
+        if start == end:
+            continue
+        enc = tokenizer(
+            text[start:end], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split
+        )
+        ids += enc["input_ids"]
+        offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+    return ids, offsets
 
 
 class Collator:
@@ -124,6 +166,8 @@ class Collator:
         self.image_options = validate_image_options(adapter, image_options or {})
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.special_ids, self.special_strings = special, sorted(set(special.values()))
 
     def encode(self, row: dict[str, Any], index: int) -> Encoded:
         """Encode one canonical row; raise :class:`DataError` naming ``index`` on bad input or overflow."""
@@ -132,29 +176,44 @@ class Collator:
         try:
             batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
         except (ValueError, RuntimeError) as err:
-            raise DataError(index, f"the image processor rejected an image ({err})", kind="unreadable image") from err
+            raise DataError(index, f"the image processor rejected an image ({err})", kind="image rejected") from err
         batch = batch or ImageBatch()
-        text, spans = render_with_spans(self.processor, row["messages"], index)
+        text, spans = render_with_spans(self.processor, decoded_messages(row["messages"], index), index)
         expansions = [self.adapter.expand_image(self.processor, batch, i) for i in range(len(images))]
         text, spans = expand_images(text, spans, self.adapter.image_placeholder, expansions, index)
-        enc = self.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = list(enc["input_ids"])
+        literal = [
+            (start, end)
+            for start, end in answer_regions(text, spans, self.adapter.end_of_turn)
+            if any(token in text[start:end] for token in self.special_strings)
+        ]
+        input_ids, offsets = tokenize(self.processor.tokenizer, text, literal)
         if len(input_ids) > self.max_length:
-            raise SampleTooLong(index, f"has {len(input_ids)} tokens, more than max_length={self.max_length}")
-        image_ids = self.image_token_ids()
-        expected = sum(
-            e.count(t) for e in expansions for t in self.processor.tokenizer.convert_ids_to_tokens(image_ids)
-        )
-        found = sum(input_ids.count(i) for i in image_ids)
-        if found != expected:
-            # A literal image tag in the text would add image tokens with no image behind them.
-            raise DataError(
-                index,
-                f"holds {found} image tokens where its {len(images)} image(s) need {expected} "
-                "(is an image tag written literally in the text?)",
+            raise SampleTooLong(
+                index, f"has {len(input_ids)} tokens, more than max_length={self.max_length}", kind="too long"
             )
-        labels = self._labels(input_ids, enc["offset_mapping"], spans, len(text))
+        self._check_image_markers(input_ids, expansions, index)
+        labels = self._labels(input_ids, offsets, spans, len(text))
         return Encoded(input_ids=input_ids, labels=labels, images=batch)
+
+    def _check_image_markers(self, input_ids: list[int], expansions: list[str], index: int) -> None:
+        # Every image token and image marker (boi/eoi, <image>/<slice> ...) must come from an image's expansion:
+        # one written literally in a user or system turn would give the model image tokens with no image.
+        tokenizer = self.processor.tokenizer
+        joined = "".join(expansions)
+        expanded = tokenizer(joined, add_special_tokens=False)["input_ids"] if expansions else []
+        # Special tokens spelled out in the expansions (not byte-fallback pieces such as <0x0A> of a newline).
+        need = Counter(i for i in expanded if i in self.special_ids and self.special_ids[i] in joined)
+        markers = set(need) | set(self.image_token_ids())
+        found = Counter(i for i in input_ids if i in markers)
+        for token in sorted(markers):
+            if found[token] != need[token]:
+                name = tokenizer.convert_ids_to_tokens(token)
+                raise DataError(
+                    index,
+                    f"holds {found[token]} {name!r} token(s) where its {len(expansions)} image(s) need "
+                    f"{need[token]} (is an image tag written literally in a user or system turn?)",
+                    kind="image count",
+                )
 
     def _labels(self, input_ids, offsets, spans, text_length) -> list[int]:
         if self.train_on == "all":
@@ -225,10 +284,10 @@ class PreparedDataset(torch.utils.data.Dataset):
         for index in range(len(rows)):
             try:
                 encoded = collator.encode(rows[index], index)
-            except SampleTooLong:
+            except SampleTooLong as err:
                 if overflow == "error":
                     raise
-                self.skipped["too long"] += 1
+                self.skipped[err.kind] += 1
                 continue
             except DataError as err:
                 if on_bad_row == "error":

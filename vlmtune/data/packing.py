@@ -11,9 +11,10 @@ Two parts:
 
 How attention stays inside each sample is per family (the ``PACKING`` table, keyed by ``adapter.name``):
 
-* Qwen-VL: no ``attention_mask``; ``position_ids`` is ``(4, 1, T)``: row 0 the text positions restarting per
-  sample, rows 1-3 the M-RoPE positions of each sample computed alone. ``Qwen2_5_VLTextModel.forward`` (and
-  Qwen3-VL's) reads a 4-row tensor as "packed, text positions first" and hands row 0 to ``create_causal_mask``,
+* Qwen-VL (``qwen2_5_vl``, which also serves Qwen2-VL, and ``qwen3_vl``): no ``attention_mask``;
+  ``position_ids`` is ``(4, 1, T)``: row 0 the text positions restarting per sample, rows 1-3 the M-RoPE
+  positions of each sample computed alone. ``Qwen2_5_VLTextModel.forward`` (and Qwen2-VL's and Qwen3-VL's) reads
+  a 4-row tensor as "packed, text positions first" and hands row 0 to ``create_causal_mask``,
   whose ``find_packed_sequence_indices`` turns each restart into a new sequence (transformers >= 4.54).
 * Gemma-3: ``attention_mask`` is a dict ``{"full_attention": mask, "sliding_attention": mask}`` of 4-D masks built
   here, which ``Gemma3Model.forward`` passes through unchanged ("may already have been prepared"). transformers'
@@ -21,6 +22,23 @@ How attention stays inside each sample is per family (the ``PACKING`` table, key
   ``or_mask_function``, and the packed remap then feeds that overlay per-sample positions instead of row indices,
   so image bidirectionality lands on the wrong tokens (checked in 5.23's ``create_masks_for_vision_model``). The
   masks cost ``T * T`` booleans (``float32`` for eager) per layer type: 64 MiB at T = 8192 in bool.
+* MiniCPM-V 2.6 / 4.x (``minicpmv``, vlmtune's model): no ``attention_mask``; ``position_ids`` ``(1, T)``
+  restarting per sample. ``MiniCPMV.forward`` hands both to its transformers LLM (Qwen2, Qwen3 or Llama), whose
+  ``create_causal_mask`` finds the restarts as for Qwen-VL (same code in 5.17 and 5.23). ``image_bound`` is the
+  adapter's, recomputed on the packed row, so each view's range follows its sample's offset.
+* MiniCPM-V 4.6 (``minicpmv4_6``, transformers' model): the same for its full-attention layers (a 2-D
+  ``position_ids`` becomes the text row of Qwen3.5's 4-row positions). Its Gated DeltaNet layers carry a conv
+  window and a recurrent state along the row that no mask cuts, so the row also carries the sample boundaries
+  under transformers' flash-attention names (``cu_seq_lens_q`` ...), and the DeltaNet forward that
+  :mod:`vlmtune.adapters.minicpmv4_6` installs at load runs each sample's slice alone. Load with
+  :func:`vlmtune.load` (or call ``keep_packed_samples_apart``): without it transformers 5.17's reference path
+  silently mixes samples, 5.23's refuses the keys, and with ``flash-linear-attention`` installed the conv still
+  reads across boundaries. On transformers < 5.19 in ``16x`` mode the whole row's views must share one size
+  (the adapter's check, run here on the packed row).
+
+Images of every family travel concatenated in sample order (:meth:`ImageBatch.cat`); each model fills its
+placeholders in row order (Qwen-VL, Gemma-3 and 4.6 by ``masked_scatter`` over the image token, 2.6 through
+``image_bound``), so every image's features land on its own sample's placeholders.
 """
 
 from __future__ import annotations
@@ -125,15 +143,15 @@ def packed_attention_masks(
     return {k: m[None, None] for k, m in masks.items()}
 
 
-def _qwen_vl(batch: dict, lengths: list[int], collator: Collator, attn_implementation: str) -> dict:
+def _qwen_vl(batch: dict, images: ImageBatch, lengths: list[int], collator: Collator, attn: str) -> dict:
     # Each sample's M-RoPE positions came from the adapter on that sample alone; prepend the text row.
     text = text_positions(lengths).view(1, 1, -1)
     return {"position_ids": torch.cat([text, batch["position_ids"]], dim=0), "attention_mask": None}
 
 
-def _gemma3(batch: dict, lengths: list[int], collator: Collator, attn_implementation: str) -> dict:
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"packing Gemma-3 needs attn_implementation 'sdpa' or 'eager', got {attn_implementation!r}")
+def _gemma3(batch: dict, images: ImageBatch, lengths: list[int], collator: Collator, attn: str) -> dict:
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"packing Gemma-3 needs attn_implementation 'sdpa' or 'eager', got {attn!r}")
     positions = text_positions(lengths)
     text_config = collator.model_config.get_text_config()
     masks = packed_attention_masks(
@@ -141,9 +159,29 @@ def _gemma3(batch: dict, lengths: list[int], collator: Collator, attn_implementa
         positions,
         batch["token_type_ids"][0].bool(),
         getattr(text_config, "sliding_window", None),
-        attn_implementation,
+        attn,
     )
     return {"position_ids": positions[None], "attention_mask": masks}
+
+
+def _minicpmv(batch: dict, images: ImageBatch, lengths: list[int], collator: Collator, attn: str) -> dict:
+    # The adapter's extras of the packed row itself: image_bound ranges in row coordinates (2.6 layout), and
+    # 4.6's downsample_mode with its check that the views of the whole row suit this transformers' merger.
+    extras = collator.adapter.batch_extras(batch, images, collator.processor, collator.model_config)
+    return {**extras, "position_ids": text_positions(lengths)[None], "attention_mask": None}
+
+
+def _minicpmv4_6(batch: dict, images: ImageBatch, lengths: list[int], collator: Collator, attn: str) -> dict:
+    # Sample boundaries under transformers' flash-attention names: the Gated DeltaNet layers need them (see the
+    # module docstring), and flash_attention_2 takes its varlen path from them.
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    flash = {
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+    return {**_minicpmv(batch, images, lengths, collator, attn), **flash}
 
 
 @dataclass(frozen=True)
@@ -151,8 +189,10 @@ class PackingRule:
     """How one family keeps attention inside each packed sample.
 
     Attributes:
-        finish: ``(batch, lengths, collator, attn_implementation) -> dict`` of keys replacing those of the
-            concatenated batch (``position_ids``, ``attention_mask``).
+        finish: ``(batch, images, lengths, collator, attn_implementation) -> dict`` of keys replacing or adding
+            to those of the concatenated batch (``position_ids``, ``attention_mask``, ...); it must also supply
+            every non-tensor key of the per-sample batches (``image_bound``, ``downsample_mode``), which do not
+            concatenate.
     """
 
     finish: Callable[..., dict[str, Any]]
@@ -162,6 +202,8 @@ PACKING: dict[str, PackingRule] = {
     "qwen2_5_vl": PackingRule(_qwen_vl),
     "qwen3_vl": PackingRule(_qwen_vl),
     "gemma3": PackingRule(_gemma3),
+    "minicpmv": PackingRule(_minicpmv),
+    "minicpmv4_6": PackingRule(_minicpmv4_6),
 }
 
 
@@ -174,9 +216,10 @@ class PackedCollator:
             (Gemma-3) need it to pick boolean (``"sdpa"``) or additive (``"eager"``) masks.
 
     The returned batch holds ``input_ids``/``labels`` ``(1, T)``, the family's image tensors in sample order,
-    its extra keys concatenated along the sequence, ``position_ids`` restarting per sample, and
-    ``use_cache=False``. There is no
-    ``attention_mask`` key where transformers derives the packed mask from the position restarts (Qwen-VL).
+    its extra keys concatenated along the sequence (or, where they are not tensors, rebuilt for the row by the
+    family's rule), ``position_ids`` restarting per sample, and ``use_cache=False``. There is no
+    ``attention_mask`` key where transformers derives the packed mask from the position restarts (Qwen-VL,
+    MiniCPM-V).
     """
 
     def __init__(self, collator: Collator, attn_implementation: str = "sdpa"):
@@ -191,14 +234,19 @@ class PackedCollator:
         # Each sample alone is a batch without padding: the adapter's extra keys (M-RoPE positions, token
         # types) come out exactly as for that sample, and concatenate along the sequence (last) dimension.
         singles = [self.collator.pad([e]) for e in encoded]
-        image_keys = set(ImageBatch.cat([e.images for e in encoded]).tensors)
+        images = ImageBatch.cat([e.images for e in encoded])
         batch: dict[str, Any] = {
-            key: torch.cat([s[key] for s in singles], dim=-1) for key in singles[0] if key not in image_keys
+            key: torch.cat([s[key] for s in singles], dim=-1)
+            for key in singles[0]
+            if key not in images.tensors and torch.is_tensor(singles[0][key])
         }
-        batch.update(ImageBatch.cat([e.images for e in encoded]).tensors)
+        batch.update(images.tensors)
         starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
         batch["labels"][0, starts] = IGNORE_INDEX  # never predict one sample's first token from the previous
-        batch.update(self.rule.finish(batch, lengths, self.collator, self.attn_implementation))
+        batch.update(self.rule.finish(batch, images, lengths, self.collator, self.attn_implementation))
+        missing = {key for s in singles for key in s} - set(batch)
+        if missing:
+            raise ValueError(f"the {self.collator.adapter.name} packing rule left out the keys {sorted(missing)}")
         if batch.get("attention_mask") is None:
             batch.pop("attention_mask", None)
         # With a cache, transformers skips packed-sequence detection (``_preprocess_mask_arguments`` looks for

@@ -17,12 +17,16 @@ images left encoded until a row is read.
 
 from __future__ import annotations
 
+import csv
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vlmtune.data.schema import DataError
 
 SOURCE_TYPES = ("parquet", "jsonl", "json", "csv", "imagefolder", "hub")
 FORMATS = ("image_text", "chat")
@@ -112,6 +116,27 @@ def _data_files(spec: DataSpec, path: Path, split: str) -> list[str]:
     return files
 
 
+def check_utf8(path: str | Path) -> None:
+    """Raise :class:`DataError` naming the file and line of the first byte that is not UTF-8.
+
+    ``datasets`` reads jsonl / json / csv as UTF-8 and fails with a bare ``UnicodeDecodeError`` (or an Arrow error
+    deep in its builder) that names neither; a file in another encoding is a whole-file problem that skipping rows
+    would not fix, so it stops the run whatever ``on_bad_row`` says.
+    """
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{number}",
+                    f"not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line: "
+                    f"{err.reason}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`",
+                    kind="non-UTF-8 text",
+                    where=f"{path} line {number}",
+                ) from err
+
+
 def _load_dataset(spec: DataSpec, split: str, path: str | Path | None):
     import datasets
 
@@ -122,7 +147,22 @@ def _load_dataset(spec: DataSpec, split: str, path: str | Path | None):
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     builder = "json" if spec.source_type in ("jsonl", "json") else spec.source_type
     files = _data_files(spec, path, split)
-    return datasets.load_dataset(builder, data_files={split: files}, split=split)
+    if builder in ("json", "csv"):
+        for file in files:
+            check_utf8(file)
+    options = _csv_as_written(files[0]) if builder == "csv" else {}
+    return datasets.load_dataset(builder, data_files={split: files}, split=split, **options)
+
+
+def _csv_as_written(first_file: str) -> dict[str, Any]:
+    # pandas would infer types and missing values: an answer "007" would become 7, "1.50" 1.5, and "NA" or an
+    # empty cell in a numeric column NaN (then the text "nan"). Every column is read as the string written; an
+    # empty cell is "" (an empty answer, refused by the collator).
+    import datasets
+
+    with open(first_file, newline="", encoding="utf-8-sig") as handle:  # pandas drops a BOM too
+        header = next(csv.reader(handle), [])
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "na_filter": False}
 
 
 def check_columns(spec: DataSpec, column_names: Sequence[str]) -> None:
@@ -170,17 +210,25 @@ def _resolve(image: Any, base_dir: Path | None) -> Any:
     return image
 
 
+def _answer_text(answer: Any) -> str | bytes:
+    # A missing answer (None, or a NaN from a numeric column) becomes "" so the row is refused as an empty
+    # answer, not trained on "None" / "nan". Bytes stay bytes: the collator decodes them as UTF-8 or refuses the
+    # row naming it (vlmtune.data.schema.decode_text).
+    if answer is None or (isinstance(answer, float) and math.isnan(answer)):
+        return ""
+    return answer if isinstance(answer, (str, bytes, bytearray)) else str(answer)
+
+
 def to_canonical(raw: dict[str, Any], spec: DataSpec, base_dir: Path | None = None) -> dict[str, Any]:
     """One dataset record → ``{"messages", "images"}`` according to the spec."""
     if spec.format == "chat":
         messages = list(raw[spec.columns["messages"]])
         images = [_resolve(i, base_dir) for i in raw[spec.columns["images"]] or []]
     else:
-        image = raw[spec.columns["image"]]
-        answer = raw[spec.columns["text"]]
+        image = _resolve(raw[spec.columns["image"]], base_dir)
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec.instruction}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "" if answer is None else str(answer)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": _answer_text(raw[spec.columns["text"]])}]},
         ]
         images = [image]
     if spec.system:
