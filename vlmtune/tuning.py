@@ -50,9 +50,10 @@ class TuningConfig:
         vision_micro_batch: images per pass of the vision tower, for families whose tower takes a batch of whole
             images (Gemma-3's SigLIP; the adapter's ``vision_takes_image_batch``): the tower runs chunk after
             chunk and the features are concatenated, the same numbers with one chunk's activations alive at a
-            time (with checkpointing, backward recomputes one chunk's layer at a time). 2 by default: on
-            Gemma-3-4B at batch 8 it takes ~1.5 GiB off the peak at no measurable cost in speed
-            (BENCHMARKS.md); ``None`` runs all images at once.
+            time (with checkpointing, backward recomputes one chunk's layer at a time). ``None`` (default) runs
+            all images at once. Part of the lean-memory setting with ``offload_activations``: on Gemma-3-4B
+            QLoRA at batch 8, 2 takes the peak from 8.1 to 7.5 GiB (6.3 to 5.1 GiB with offload) for ~20% more
+            step time (BENCHMARKS.md).
         offload_activations: keep the tensors saved for backward (with checkpointing: each layer's input) in
             pinned CPU memory instead of GPU memory, for long sequences; same numbers, slower.
         lora_dtype: ``"float32"`` (default: PEFT keeps the small adapter in fp32, so Adam's updates to it are
@@ -78,7 +79,7 @@ class TuningConfig:
     modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     vision_checkpointing: bool = True
-    vision_micro_batch: int | None = 2
+    vision_micro_batch: int | None = None
     offload_activations: bool = False
     lora_dtype: str = "float32"
     init_seed: int = 0
