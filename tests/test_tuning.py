@@ -72,6 +72,58 @@ def test_bad_settings_raise_naming_the_field(kwargs, message):
         TuningConfig(**kwargs)
 
 
+def test_embeddings_stay_on_the_gpu_without_one(tiny_qwen):
+    model, _, adapter = vlmtune.load(tiny_qwen)
+    model = apply_tuning(model, adapter, TuningConfig())
+    assert not vlmtune.tuning.keep_embeddings_on_cpu(model)  # nothing to move off: no GPU here
+    assert "_vlmtune_cpu_embedding" not in model.get_input_embeddings().__dict__
+
+
+@pytest.mark.gpu
+def test_embeddings_on_cpu_same_numbers_generate_and_trainer(tiny_qwen, tiny_gemma, latex_data, tmp_path):
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+
+    def step(embeddings_on_cpu):
+        model, processor, adapter = vlmtune.load(tiny_qwen, device="cuda")
+        model = apply_tuning(model, adapter, TuningConfig(embeddings_on_cpu=embeddings_on_cpu)).train()
+        batch = Collator(adapter, processor, model.config)([{"index": i, "row": rows[i]} for i in range(2)])
+        loss = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+        loss.backward()
+        return (
+            model,
+            processor,
+            adapter,
+            loss.detach(),
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        )
+
+    model, processor, adapter, loss, grads = step(True)
+    _, _, _, plain_loss, plain_grads = step(False)
+    assert model.get_input_embeddings().weight.device.type == "cpu"
+    assert model.get_output_embeddings().weight.device.type == "cuda" and model.device.type == "cuda"
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=0, atol=0, msg=name)
+    # generation reads the embedding every step
+    inputs = processor.tokenizer(["x^{2} +"], return_tensors="pt").to("cuda")
+    out = model.eval().generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    # Trainer moves an unquantised model to the GPU as a whole; train() moves the embedding back off it.
+    result = vlmtune.train(
+        model.train(),
+        processor,
+        adapter,
+        rows[:4],
+        vlmtune.TrainConfig(max_steps=2, batch_size=2, output_dir=str(tmp_path)),
+    )
+    assert result.model.get_input_embeddings().weight.device.type == "cpu" and len(result.losses) == 2
+    # Gemma-3 ties lm_head to the embedding: it stays on the GPU.
+    gemma, _, gemma_adapter = vlmtune.load(tiny_gemma, device="cuda")
+    gemma = apply_tuning(gemma, gemma_adapter, TuningConfig())
+    assert gemma.get_input_embeddings().weight.device.type == "cuda"
+
+
 def test_lora_dtype_compute_keeps_adapters_in_the_model_dtype(tiny_qwen):
     model, _, adapter = vlmtune.load(tiny_qwen, dtype="bfloat16")
     model = apply_tuning(model, adapter, TuningConfig(lora_dtype="compute"))
