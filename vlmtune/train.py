@@ -14,7 +14,7 @@ import torch
 
 from vlmtune.adapters import Adapter
 from vlmtune.data.collator import Collator, PreparedDataset
-from vlmtune.tuning import TuningConfig, keep_embeddings_on_cpu, param_groups
+from vlmtune.tuning import TuningConfig, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,6 @@ def train(
         callbacks=[_loss_recorder(losses)],
         optimizers=(make_optimizer(model, adapter, tuning, config), None),
     )
-    if "_vlmtune_cpu_embedding" in model.get_input_embeddings().__dict__:
-        keep_embeddings_on_cpu(model)  # Trainer moved the unquantised model to the GPU as a whole: again
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     finally:

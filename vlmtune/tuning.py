@@ -328,8 +328,8 @@ def freeze_vision_forward(model: torch.nn.Module, adapter: Adapter, config: Tuni
 def keep_embeddings_on_cpu(model: torch.nn.Module) -> bool:
     """Move a frozen, untied input embedding off the GPU; look its rows up on the CPU (see ``embeddings_on_cpu``).
 
-    Returns whether the embedding now lives on the CPU. Idempotent; call it again after anything that moves the
-    whole model back to the GPU (``Trainer`` does for unquantised models).
+    Returns whether the embedding now lives on the CPU. When the whole model is moved to the GPU later (``Trainer``
+    and accelerate do that for unquantised models), the next forward moves the embedding back to the CPU.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding = base.get_input_embeddings()
@@ -352,10 +352,12 @@ def keep_embeddings_on_cpu(model: torch.nn.Module) -> bool:
 
 
 def _cpu_embedding_call(module, inner, input_ids, *args, **kwargs):
-    device = next(module.parameters()).device
-    if input_ids.device == device:  # the model was moved back as a whole, or the ids are on the CPU
+    if next(module.parameters()).device.type != "cpu":
+        # The whole model was moved to the GPU since (Trainer and accelerate do for unquantised models).
+        module.to("cpu")
+    if input_ids.device.type == "cpu":
         return inner(input_ids, *args, **kwargs)
-    return inner(input_ids.to(device), *args, **kwargs).to(input_ids.device)
+    return inner(input_ids.cpu(), *args, **kwargs).to(input_ids.device)
 
 
 def micro_batch_vision(model: torch.nn.Module, adapter: Adapter, images: int) -> None:
