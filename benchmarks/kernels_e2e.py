@@ -104,7 +104,7 @@ def _run(folder: Path, rows, args, kernels: bool, lora_init: dict[str, torch.Ten
 
 
 def compare(name: str, args) -> dict[str, Any]:
-    from benchmarks.train_step_data import build_checkpoint
+    from benchmarks.train_step_checkpoints import build_checkpoint
     from vlmtune.data.latex_ocr import make_latex_ocr
     from vlmtune.data.spec import DataSpec, load_rows
 

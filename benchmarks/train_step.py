@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed
     python benchmarks/train_step.py --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
+    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape real \
+        --configs vlmtune_qlora_kernels,vlmtune_qlora_kernels_packed               # padding-free packing's gain
     python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed --max-batch      # largest batch in 24/80 GiB
     python benchmarks/train_step.py --model qwen2_5_vl-7b --profile       # where one step's time goes (ours, hf_qlora)
     python benchmarks/train_step.py --model qwen2_5_vl-3b --suite final --out $OUT        # a fixed set, one call
@@ -10,12 +12,18 @@
     python benchmarks/train_step.py report --write BENCHMARKS.md $OUT/*.json    # fill BENCHMARKS.md's report blocks
 
 Models (``--model``): random models of real size built from the released configs (``qwen2_5_vl-7b``,
-``qwen2_5_vl-3b``, ``gemma3-4b``), written once per machine under ``--cache`` with a processor and loaded as a
-user loads a download; ``tiny-qwen`` / ``tiny-gemma`` are ``vlmtune.tiny``'s checkpoints and run on the CPU.
+``qwen2_5_vl-3b``, ``gemma3-4b``, ``minicpmv2_6-8b``, ``minicpmv4_6-1.3b``), written once per machine under
+``--cache`` with a processor and loaded as a user loads a download; ``tiny-qwen`` / ``tiny-gemma`` /
+``tiny-minicpmv`` / ``tiny-minicpmv4_6`` are ``vlmtune.tiny``'s checkpoints and run on the CPU. A stack that does
+not serve a family (the hf and Unsloth stacks on the MiniCPM-V 2.6 layout, which upstream is remote code only)
+reports ``n/a`` with the reason.
 
 Shapes (``--shape``): ``fixed`` — ``--batch`` samples, each one random-noise image (448x448 for Qwen-VL: 256
-tokens; 896 px for Gemma-3: 256 tokens), 24 prompt tokens and 128 supervised answer tokens; ``real`` —
-batches of generated LaTeX-OCR rows through vlmtune's collator, counting non-pad tokens only.
+tokens; 896 px for Gemma-3: 256 tokens; 896 px for MiniCPM-V: 5 views, 320 tokens), 24 prompt tokens and 128
+supervised answer tokens; ``real`` — batches of generated LaTeX-OCR rows through vlmtune's collator, counting
+non-pad tokens only. The ``*_packed`` configurations (real shape only; ``n/a`` on the fixed one, which has no
+padding) train on each step's samples packed into one padding-free row: same samples, tokens and labels per step
+as the padded batch, no pad token (``train_step_batches.py``).
 
 Configurations (``--configs``, comma-separated; ``name:frozen`` runs one with the vision tower frozen, no
 LoRA in it; ``--vision frozen`` does that for all): see ``CONFIGS`` in ``train_step_data.py``. Each runs in
@@ -296,7 +304,8 @@ def prepare_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from benchmarks.train_step_data import build_checkpoint, describe, fixed_batches, real_batches
+    from benchmarks.train_step_batches import build_steps, describe
+    from benchmarks.train_step_checkpoints import build_checkpoint
 
     device = args.device
     if device == "auto":
@@ -307,19 +316,15 @@ def prepare_main(argv: list[str]) -> int:
     build_s = time.perf_counter() - start
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    name = f"batches_{args.shape}_b{args.batch}_n{args.count}.pt"
-    batches_file = folder / name
+    # "steps_": padded batches, packed rows and per-step counts in one file (earlier "batches_" files held a list).
+    batches_file = folder / f"steps_{args.shape}_b{args.batch}_n{args.count}.pt"
     if not batches_file.exists():
-        if args.shape == "fixed":
-            batches = fixed_batches(args.model, folder, args.batch)
-        else:
-            data_dir = Path(args.cache) / f"latex_ocr_{args.batch * args.count}"
-            batches = real_batches(folder, data_dir, args.batch, args.count)
-        torch.save(batches, batches_file)
-    batches = torch.load(batches_file, weights_only=True)
+        steps = build_steps(args.model, folder, args.shape, args.batch, args.count, Path(args.cache))
+        torch.save(steps, batches_file)
+    steps = torch.load(batches_file, weights_only=True)
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     record = {"checkpoint": str(folder), "batches": str(batches_file), "device": device, "device_name": device_name}
-    record.update(data=describe(batches), build_s=build_s)
+    record.update(data=describe(steps), build_s=build_s)
     print(PREPARED_PREFIX + json.dumps(record), flush=True)
     return 0
 

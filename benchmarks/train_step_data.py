@@ -1,38 +1,36 @@
-"""What ``benchmarks/train_step.py`` measures: the models (random checkpoints of real size), the configurations
-(how each stack sets a model up) and the batches (fixed and real shapes). Imports no torch at module level, so
-the driver stays light; the work happens in its child processes.
+"""What ``benchmarks/train_step.py`` measures: the models (random checkpoints of real size) and the configurations
+(how each stack sets a model up); the batches are ``train_step_batches.py``'s. Imports no torch at module level,
+so the driver stays light; the work happens in its child processes.
 
-A real-size checkpoint is a random model built from the family's published config (dimensions below), saved
-once per machine with a processor, so every configuration loads it the way a user loads a download
-(``from_pretrained``, with a bitsandbytes config for QLoRA). The tokenizer and chat template are
-``vlmtune.tiny``'s (the family's real special tokens, a small BPE vocabulary): token ids only matter for
-shapes, and the model's embedding keeps the real vocabulary size, so the embedding, ``lm_head`` and loss cost
+A real-size checkpoint is a random model built from the family's published config (dimensions below; built by
+``train_step_checkpoints.py``), saved once per machine with a processor, so every configuration loads it the way
+a user loads a download (``from_pretrained``, with a bitsandbytes config for QLoRA). The tokenizer and chat
+template are ``vlmtune.tiny``'s (the family's real special tokens, a small BPE vocabulary): token ids only matter
+for shapes, and the model's embedding keeps the real vocabulary size, so the embedding, ``lm_head`` and loss cost
 what they cost on the released model. The image processor is the family's real one at its real settings.
 
-Batches are made once, before any configuration runs, and every configuration trains on the same tensors.
+Batches are made once, before any configuration runs, and every configuration trains on the same tensors
+(the packed configurations on the same samples, packed: ``train_step_batches.py``).
 """
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 PROMPT_TOKENS = 24
 """Fixed shape: text tokens before the answer (chat template included), image tokens not counted."""
 ANSWER_TOKENS = 128
 """Fixed shape: supervised answer tokens per sample."""
 HF_PROCESSOR_KEYS = frozenset(
-    {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids"}
+    {
+        *("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
+        *("token_type_ids", "target_sizes"),
+    }
 )
 """The batch keys the family's transformers processor produces (plus labels): what the baseline and Unsloth
-get. vlmtune's collator adds ``position_ids`` for Qwen-VL (M-RoPE positions computed on the host, in the data
-loader) and vlmtune configurations get them."""
+get (``target_sizes``: MiniCPM-V 4.6's view grids). vlmtune's collator adds ``position_ids`` for Qwen-VL (M-RoPE
+positions computed on the host, in the data loader) and vlmtune configurations get them."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,8 @@ class ModelSpec:
         image_processor: keyword arguments of the family's image processor at its real settings.
         lora_suffixes: the public recipes' suffix list for LoRA on attention + MLP of both towers.
         language_only_regex: the same placement restricted to the language tower (vision frozen).
+        unsupported: stacks that cannot run this family (``"hf"``, ``"unsloth"``), each with the reason its
+            configurations report as ``n/a``.
     """
 
     family: str
@@ -58,6 +58,7 @@ class ModelSpec:
     image_processor: dict[str, Any] = field(default_factory=dict)
     lora_suffixes: tuple[str, ...] = ()
     language_only_regex: str = ""
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def real(self) -> bool:
@@ -91,6 +92,32 @@ _QWEN_TEXT = dict(
     max_position_embeddings=128000,
     rms_norm_eps=1e-6,
     hidden_act="silu",
+)
+# SigLIP so400m at patch 14 on a 980-px position table: the vision tower of MiniCPM-V 2.6 (its config.json's
+# vision_config, vlmtune.models.minicpmv.DEFAULT_VISION_CONFIG) and of 4.6 (SigLIP2-400M, same dimensions).
+_SIGLIP_400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=980,
+)
+# MiniCPM-V's released slicing: up to 9 slices of about 448x448 px besides the source view, patch 14.
+_MINICPMV_SLICING = dict(max_slice_nums=9, scale_resolution=448, patch_size=14)
+# The suffix list also hits the in-tower window merger's attention (vision_tower.vit_merger.self_attn.*): 4 LoRA
+# modules more than vlmtune's vision = "lora", which counts that merger as projector.
+_MINICPMV4_6_SUFFIXES = (
+    *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("in_proj_qkv", "in_proj_z", "out_proj", "fc1", "fc2"),
+)
+_MINICPMV4_6_LANGUAGE_ONLY = (
+    r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|linear_attn\.(in_proj_qkv|in_proj_z|out_proj)"
+    r"|mlp\.(gate|up|down)_proj)"
+)
+_REMOTE_CODE_ONLY = (
+    "the MiniCPM-V 2.6 layout (model_type 'minicpmv') has no transformers class, only the checkpoint's remote "
+    "code (trust_remote_code), which this benchmark does not run; vlmtune serves it with its own model class"
 )
 
 MODELS: dict[str, ModelSpec] = {
@@ -167,6 +194,78 @@ MODELS: dict[str, ModelSpec] = {
         lora_suffixes=_GEMMA_SUFFIXES,
         language_only_regex=_LANGUAGE_ONLY,
     ),
+    # openbmb/MiniCPM-V-2_6 config.json: Qwen2-7B inside (flat fields), SigLIP-400M with its last layer kept
+    # (drop_vision_last_layer false), a 64-query resampler (28 heads: hidden // 128).
+    "minicpmv2_6-8b": ModelSpec(
+        family="minicpmv",
+        text=dict(
+            vocab_size=151666,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            hidden_act="silu",
+        ),
+        vision=_SIGLIP_400M,
+        top=dict(
+            version=2.6,
+            query_num=64,
+            image_size=448,
+            slice_mode=True,
+            slice_config={"max_slice_nums": 9, "scale_resolution": 448},
+            use_image_id=True,
+            drop_vision_last_layer=False,
+            tie_word_embeddings=False,
+        ),
+        # 896 px: the source view and 2x2 slices of 448 px, 5 x 64 = 320 image tokens.
+        image_size=(896, 896),
+        image_processor=_MINICPMV_SLICING,
+        unsupported={"hf": _REMOTE_CODE_ONLY, "unsloth": _REMOTE_CODE_ONLY},
+    ),
+    # openbmb/MiniCPM-V-4.6 config.json (as mirrored by mlx-community/MiniCPM-V-4.6-*): Qwen3.5-0.8B inside
+    # (24 layers, Gated DeltaNet x3 : full attention x1, head_dim 256, tied head, vocabulary 248094),
+    # SigLIP2-400M with the window-attention merger after layer 6, 16x downsampling by default.
+    "minicpmv4_6-1.3b": ModelSpec(
+        family="minicpmv4_6",
+        text=dict(
+            model_type="qwen3_5_text",
+            vocab_size=248094,
+            hidden_size=1024,
+            intermediate_size=3584,
+            num_hidden_layers=24,
+            layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(24)],
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_num_key_heads=16,
+            linear_num_value_heads=16,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_conv_kernel_dim=4,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            # Qwen3.5's RoPE: a quarter of each head, interleaved M-RoPE sections (Qwen/Qwen3.5-0.8B config.json).
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e7,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True,
+            },
+            tie_word_embeddings=True,
+        ),
+        vision=_SIGLIP_400M,
+        top=dict(insert_layer_id=6, image_size=448, downsample_mode="16x", tie_word_embeddings=True),
+        # 896 px: the source view and 2x2 slices of 448 px, 5 x 64 = 320 image tokens at 16x.
+        image_size=(896, 896),
+        image_processor=_MINICPMV_SLICING,
+        lora_suffixes=_MINICPMV4_6_SUFFIXES,
+        language_only_regex=_MINICPMV4_6_LANGUAGE_ONLY,
+    ),
     "tiny-qwen": ModelSpec(
         family="qwen2_5_vl",
         text=None,
@@ -182,6 +281,23 @@ MODELS: dict[str, ModelSpec] = {
         image_size=(64, 64),
         lora_suffixes=_GEMMA_SUFFIXES,
         language_only_regex=_LANGUAGE_ONLY,
+    ),
+    # The tiny builders' views are about 112 px: 224 px makes the source view and 2x2 slices, as 896 px does at
+    # real size.
+    "tiny-minicpmv": ModelSpec(
+        family="minicpmv",
+        text=None,
+        vision=None,
+        image_size=(224, 224),
+        unsupported={"hf": _REMOTE_CODE_ONLY, "unsloth": _REMOTE_CODE_ONLY},
+    ),
+    "tiny-minicpmv4_6": ModelSpec(
+        family="minicpmv4_6",
+        text=None,
+        vision=None,
+        image_size=(224, 224),
+        lora_suffixes=_MINICPMV4_6_SUFFIXES,
+        language_only_regex=_MINICPMV4_6_LANGUAGE_ONLY,
     ),
 }
 
@@ -203,6 +319,9 @@ class BenchConfig:
         offload: vlmtune's activation offload (``TuningConfig(offload_activations=True)``).
         lora_dtype: vlmtune's ``TuningConfig.lora_dtype`` (``"float32"`` or ``"compute"``).
         vision_micro_batch: vlmtune's ``TuningConfig.vision_micro_batch`` (images per vision-tower pass).
+        packed: train on each step's samples packed into one padding-free row (``vlmtune.data.packing``) instead
+            of the padded batch; real shape only (``train_step_batches.build_steps`` says why this is the
+            like-for-like comparison).
         summary: one line for BENCHMARKS.md.
     """
 
@@ -215,6 +334,7 @@ class BenchConfig:
     offload: bool = False
     lora_dtype: str = "float32"
     vision_micro_batch: int | None = None
+    packed: bool = False
 
     @property
     def needs_cuda(self) -> bool:
@@ -258,7 +378,17 @@ CONFIGS: dict[str, BenchConfig] = {
         kernels=True,
         vision_micro_batch=2,
     ),
+    "vlmtune_qlora_kernels_packed": BenchConfig(
+        "vlmtune",
+        True,
+        "vlmtune QLoRA, kernels on, each step's samples packed into one padding-free row (real shape)",
+        kernels=True,
+        packed=True,
+    ),
     "vlmtune_bf16": BenchConfig("vlmtune", False, "vlmtune bf16 LoRA, kernels off"),
+    "vlmtune_bf16_packed": BenchConfig(
+        "vlmtune", False, "vlmtune bf16 LoRA, kernels off, each step's samples packed (real shape)", packed=True
+    ),
     "vlmtune_bf16_kernels": BenchConfig("vlmtune", False, "vlmtune bf16 LoRA with kernels", kernels=True),
 }
 VISION_MODES = ("lora", "frozen")
@@ -311,184 +441,3 @@ def split_name(name: str) -> tuple[str, str | None]:
     if vision and vision not in VISION_MODES:
         raise ValueError(f"{name!r}: the suffix after ':' must be one of {VISION_MODES}")
     return base, vision or None
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _real_qwen(spec: ModelSpec, tiny: Path):
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    small = AutoConfig.from_pretrained(tiny)
-    ids = {k: getattr(small.text_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(spec.text, **ids),
-        vision_config=spec.vision,
-        image_token_id=small.image_token_id,
-        video_token_id=small.video_token_id,
-        vision_start_token_id=small.vision_start_token_id,
-        vision_end_token_id=small.vision_end_token_id,
-        **spec.top,
-    )
-    tiny_processor = AutoProcessor.from_pretrained(tiny)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**spec.image_processor),
-        tokenizer=tiny_processor.tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**spec.image_processor),
-        chat_template=tiny_processor.chat_template,
-    )
-    return Qwen2_5_VLForConditionalGeneration, config, processor
-
-
-def _real_gemma(spec: ModelSpec, tiny: Path):
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
-    )
-
-    small = AutoConfig.from_pretrained(tiny)
-    ids = {k: getattr(small.text_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = Gemma3Config(
-        text_config=dict(spec.text, **ids),
-        vision_config=spec.vision,
-        boi_token_index=small.boi_token_index,
-        eoi_token_index=small.eoi_token_index,
-        image_token_index=small.image_token_index,
-        pad_token_id=small.pad_token_id,
-        bos_token_id=small.bos_token_id,
-        eos_token_id=small.eos_token_id,
-        **spec.top,
-    )
-    tiny_processor = AutoProcessor.from_pretrained(tiny)
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessor(**spec.image_processor, resample=2),
-        tokenizer=tiny_processor.tokenizer,
-        chat_template=tiny_processor.chat_template,
-        image_seq_length=spec.top["mm_tokens_per_image"],
-    )
-    return Gemma3ForConditionalGeneration, config, processor
-
-
-_REAL_BUILDERS = {"qwen2_5_vl": _real_qwen, "gemma3": _real_gemma}
-
-
-def build_checkpoint(name: str, folder: Path, device: str) -> Path:
-    """Write model ``name`` (a key of :data:`MODELS`) to ``folder`` once; later calls reuse it.
-
-    Real-size weights are drawn on ``device`` in bf16 (drawing 8 B parameters on the CPU takes minutes).
-    """
-    import torch
-
-    from vlmtune.tiny import build
-
-    spec = MODELS[name]
-    done = folder / "benchmark-checkpoint.json"
-    if done.exists():
-        return folder
-    if not spec.real:
-        build(spec.family, folder)
-    else:
-        model_class, config, processor = _REAL_BUILDERS[spec.family](spec, build(spec.family, folder / "tiny"))
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = model_class._from_config(config, dtype=torch.bfloat16 if device != "cpu" else torch.float32)
-        model.save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-        del model
-    done.write_text(json.dumps({"model": name}) + "\n")
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------- batches
-
-
-def _collator(folder: Path):
-    from transformers import AutoConfig, AutoProcessor
-
-    from vlmtune.adapters import detect
-    from vlmtune.data.collator import Collator
-
-    config = AutoConfig.from_pretrained(folder)
-    adapter = detect(config)
-    processor = AutoProcessor.from_pretrained(folder)
-    return Collator(adapter, processor, config, max_length=8192), adapter, processor
-
-
-def fixed_batches(name: str, folder: Path, batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """One fixed-shape batch: per sample one random-noise image, ``PROMPT_TOKENS`` text tokens before the
-    answer (the chat template's own tokens included) and ``ANSWER_TOKENS`` supervised answer tokens.
-
-    The prompt is the family's chat template rendering a user turn that holds the image, with the image
-    placeholder expanded as the family's processor does; random ordinary token ids fill it up to
-    ``PROMPT_TOKENS`` text tokens, and the answer is random ordinary ids, all supervised.
-    """
-    import torch
-    from PIL import Image
-
-    from vlmtune.data.collator import IGNORE_INDEX, Encoded
-
-    collator, adapter, processor = _collator(folder)
-    tokenizer = processor.tokenizer
-    image_ids = set(collator.image_token_ids())
-    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    ordinary = [i for i in range(len(tokenizer)) if i not in specials]
-    rng = random.Random(seed)
-    height, width = MODELS[name].image_size
-    turn = [{"role": "user", "content": [{"type": "image"}]}]
-    encoded = []
-    for _ in range(batch):
-        generator = torch.Generator().manual_seed(rng.getrandbits(31))
-        noise = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-        images = adapter.process_images(processor, [Image.fromarray(noise.numpy())], collator.image_options)
-        text = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-        text = text.replace(adapter.image_placeholder, adapter.expand_image(processor, images, 0), 1)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_text = sum(1 for i in prompt if i not in image_ids)
-        prompt += rng.choices(ordinary, k=max(0, PROMPT_TOKENS - n_text))
-        answer = rng.choices(ordinary, k=ANSWER_TOKENS)
-        labels = [IGNORE_INDEX] * len(prompt) + answer
-        encoded.append(Encoded(input_ids=prompt + answer, labels=labels, images=images))
-    return [collator.pad(encoded)]
-
-
-def real_batches(folder: Path, data_dir: Path, batch: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of generated LaTeX-OCR rows through vlmtune's collator (right padding, as it pads)."""
-    from vlmtune.data.latex_ocr import make_latex_ocr
-    from vlmtune.data.spec import load_rows
-
-    rows_needed = batch * count
-    if not (data_dir / "train.parquet").exists():
-        make_latex_ocr(rows_needed, data_dir, seed=seed, test_fraction=0.0)
-    rows = load_rows("latex_ocr", split="train", path=data_dir)
-    if len(rows) < rows_needed:
-        raise ValueError(f"{data_dir} holds {len(rows)} rows, {rows_needed} needed; delete it to regenerate")
-    collator, _, _ = _collator(folder)
-    items = [{"index": i, "row": rows[i]} for i in range(rows_needed)]
-    return [collator(items[b * batch : (b + 1) * batch]) for b in range(count)]
-
-
-def describe(batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Token and image counts of a batch list (non-pad tokens only)."""
-    tokens = [int(b["attention_mask"].sum()) for b in batches]
-    padded = [int(b["attention_mask"].numel()) for b in batches]
-    supervised = [int((b["labels"] != -100).sum()) for b in batches]
-    return {
-        "batches": len(batches),
-        "batch_size": int(batches[0]["input_ids"].shape[0]),
-        "tokens_per_batch": tokens,
-        "padded_tokens_per_batch": padded,
-        "supervised_tokens_per_batch": supervised,
-        "keys": sorted(batches[0]),
-    }

@@ -4,9 +4,10 @@
 configuration's own) and reads the one ``@@RESULT`` JSON line it prints. Every configuration runs the same
 loop on the same batches — forward, backward, optimizer step, ``zero_grad`` — under bf16 autocast on CUDA
 (fp32 on the CPU), with fused AdamW at lr 2e-4 over the trainable parameters: differences come from the model
-setup alone. Unsloth's configurations import ``unsloth`` before this module (its patches must precede
-transformers), which ``train_step.py`` does. With ``--profile`` one more step runs after the timed ones, under
-the profiler (``train_step_profile.py``), and its summary goes into the record's ``profile``.
+setup alone (the packed configurations train on the same samples as one padding-free row per step). Unsloth's
+configurations import ``unsloth`` before this module (its patches must precede transformers), which
+``train_step.py`` does. With ``--profile`` one more step runs after the timed ones, under the profiler
+(``train_step_profile.py``), and its summary goes into the record's ``profile``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.train_step_batches import NO_PACKING_REASON
 from benchmarks.train_step_data import CONFIGS, HF_PROCESSOR_KEYS, MODELS, BenchConfig, ModelSpec, split_name
 from benchmarks.train_step_profile import profile_step
 
@@ -35,7 +39,33 @@ GIB = 2**30
 
 
 class NotAvailable(Exception):
-    """The configuration cannot run here (a package or module is missing); reported as ``n/a``."""
+    """The configuration cannot run here (a package or module is missing, the stack does not serve the family, the
+    shape has nothing to pack); reported as ``n/a``."""
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What one configuration trains on: ``batches[i % len(batches)]`` at step ``i``, and what each batch holds.
+
+    Attributes:
+        batches: the padded batches, or for a packed configuration the packed rows of the same samples.
+        samples: samples per batch.
+        images: images per batch (counted on the encoded samples, not on pixel tensors that run over views).
+        packed: whether ``batches`` are packed rows (no pad token, no 2-D ``attention_mask``).
+    """
+
+    batches: list[dict[str, Any]]
+    samples: list[int]
+    images: list[int]
+    packed: bool
+
+    @classmethod
+    def load(cls, path: Path, packed: bool) -> Steps:
+        """Read ``train_step_batches.build_steps``' file; ``NotAvailable`` when it holds no packed rows."""
+        data = torch.load(path, weights_only=True)
+        if packed and data["packed"] is None:
+            raise NotAvailable(NO_PACKING_REASON)
+        return cls(data["packed"] if packed else data["batches"], data["samples"], data["images"], packed)
 
 
 # ------------------------------------------------------------------------------------------------ model setup
@@ -51,6 +81,8 @@ def _apply_liger(model, family: str) -> str:
     except ImportError as err:
         raise NotAvailable(f"liger-kernel is not importable ({err})") from err
     patch = {"qwen2_5_vl": liger.apply_liger_kernel_to_qwen2_5_vl, "gemma3": liger.apply_liger_kernel_to_gemma3}
+    if family not in patch:
+        raise NotAvailable(f"Liger-Kernel has no patch for {family} in this benchmark (it has {sorted(patch)})")
     patch[family](model=model)  # its defaults: RoPE, RMSNorm, gated MLP, fused linear cross-entropy
     return patch[family].__name__
 
@@ -92,13 +124,16 @@ def setup_unsloth(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: s
     """Unsloth's vision path as its notebooks write it, with the same LoRA placement."""
     from unsloth import FastVisionModel
 
-    model, _ = FastVisionModel.from_pretrained(
-        str(checkpoint),
-        load_in_4bit=cfg.quant,
-        load_in_16bit=not cfg.quant,
-        use_gradient_checkpointing="unsloth",
-        max_seq_length=4096,
-    )
+    try:
+        model, _ = FastVisionModel.from_pretrained(
+            str(checkpoint),
+            load_in_4bit=cfg.quant,
+            load_in_16bit=not cfg.quant,
+            use_gradient_checkpointing="unsloth",
+            max_seq_length=4096,
+        )
+    except NotImplementedError as err:  # Unsloth's way of saying "<model> not supported yet!"
+        raise NotAvailable(f"unsloth: {err}") from err
     model = FastVisionModel.get_peft_model(
         model,
         finetune_vision_layers=vision == "lora",
@@ -163,9 +198,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+_VISION_MODULE = re.compile(r"(^|\.)(visual|vision_tower|vpm)\.")  # Qwen-VL, Gemma-3 / MiniCPM-V 4.6, the 2.6 layout
+
+
 def _lora_counts(model) -> dict[str, int]:
     names = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0]
-    vision = [n for n in names if ".visual." in n or ".vision_tower." in n]
+    vision = [n for n in names if _VISION_MODULE.search(n)]
     return {
         "lora_modules": len(names),
         "lora_vision_modules": len(vision),
@@ -211,19 +249,39 @@ def train_step(model, optimizer, inputs: dict[str, torch.Tensor], cuda: bool, ma
     return float(loss.detach().float().item())
 
 
-def _inputs(batch: dict[str, torch.Tensor], keys: set[str], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in keys}
+def _to_device(value: Any, device: str) -> Any:
+    """Tensors moved, dicts and lists walked (Gemma-3's packed ``attention_mask`` is a dict of 4-D masks, MiniCPM-V
+    2.6's ``image_bound`` a list of tensors), anything else (``use_cache``, ``max_length_q``) as it is."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _inputs(batch: dict[str, Any], keys: set[str], device: str) -> dict[str, Any]:
+    return {k: _to_device(v, device) for k, v in batch.items() if k in keys}
+
+
+def count_tokens(batch: dict[str, Any], packed: bool) -> int:
+    """Non-pad tokens of a batch: the ``attention_mask`` sum of a padded batch; every token of a packed row, which
+    has no pad token (and no 2-D ``attention_mask``: none at all, or Gemma-3's dict of 4-D masks)."""
+    return int(batch["input_ids"].numel()) if packed else int(batch["attention_mask"].sum())
 
 
 def train_loop(
-    model, optimizer, batches, keys, device: str, warmup: int, steps: int, load_start: float, result: dict
+    model, optimizer, data: Steps, keys, device: str, warmup: int, steps: int, load_start: float, result: dict
 ) -> None:
     """The one loop every configuration runs; fills ``result`` as it goes (so an OOM keeps what was measured)."""
     cuda = device.startswith("cuda")
     model.train()
-    losses, times, tokens, images = [], [], [], []
+    result["tokens_from"] = "input_ids (packed row, no pad token)" if data.packed else "attention_mask"
+    losses, times, tokens, images, samples = [], [], [], [], []
     for step in range(warmup + steps):
-        batch = batches[step % len(batches)]
+        index = step % len(data.batches)
+        batch = data.batches[index]
         inputs = _inputs(batch, keys, device)
         _sync(device)
         start = time.perf_counter()
@@ -236,12 +294,14 @@ def train_loop(
             result["warmup_s"] = end - load_start
         if step >= warmup:
             times.append(end - start)
-            tokens.append(int(batch["attention_mask"].sum()))
-            images.append(_count_images(batch))
+            tokens.append(count_tokens(batch, data.packed))
+            images.append(data.images[index])
+            samples.append(data.samples[index])
         result["losses"] = losses
     result["step_times_s"] = times
     result["step_s"] = statistics.median(times)
     result["tokens_per_step"] = statistics.mean(tokens)
+    result["samples_per_step"] = statistics.mean(samples)
     result["tokens_per_s"] = statistics.median(t / s for t, s in zip(tokens, times, strict=True))
     result["images_per_s"] = statistics.median(i / s for i, s in zip(images, times, strict=True))
     result["loss_first"], result["loss_last"] = losses[0], losses[-1]
@@ -290,12 +350,6 @@ def memory_phases(model, optimizer, batch, keys, device: str) -> dict[str, float
     return {k: round(v, 3) for k, v in phases.items()}
 
 
-def _count_images(batch: dict[str, torch.Tensor]) -> int:
-    if "image_grid_thw" in batch:
-        return int(batch["image_grid_thw"].shape[0])
-    return int(batch["pixel_values"].shape[0])
-
-
 def run(
     name: str,
     model_name: str,
@@ -317,17 +371,21 @@ def run(
     vision = suffix or vision
     cfg, spec = CONFIGS[base], MODELS[model_name]
     result: dict[str, Any] = {"config": name, "stack": cfg.stack, "quant": cfg.quant, "vision": vision}
+    result["packed"] = cfg.packed
     result.update(device=device, device_name=_device_name(device), dtype=str(_compute_dtype(device)))
     result["versions"] = versions()
     if device.startswith("cuda") and memory_limit_gib is not None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gib * GIB / total))
         result["memory_limit_gib"] = memory_limit_gib
-    batches = torch.load(batches_file, weights_only=True)
-    keys = set(batches[0]) if cfg.stack == "vlmtune" else set(batches[0]) & HF_PROCESSOR_KEYS
-    result["batch_keys"] = sorted(keys)
-    load_start = time.perf_counter()
     try:
+        if cfg.stack in spec.unsupported:
+            raise NotAvailable(spec.unsupported[cfg.stack])
+        data = Steps.load(batches_file, cfg.packed)
+        batches = data.batches
+        keys = set(batches[0]) if cfg.stack == "vlmtune" else set(batches[0]) & HF_PROCESSOR_KEYS
+        result["batch_keys"] = sorted(keys)
+        load_start = time.perf_counter()
         model, info = SETUPS[cfg.stack](cfg, spec, checkpoint, device, vision)
         _sync(device)
         result["load_s"] = time.perf_counter() - load_start
@@ -338,7 +396,7 @@ def run(
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=LR, fused=device.startswith("cuda") or None
         )
-        train_loop(model, optimizer, batches, keys, device, warmup, steps, load_start, result)
+        train_loop(model, optimizer, data, keys, device, warmup, steps, load_start, result)
         result["status"] = "ok"
         result.update(_peak(device))
         if device.startswith("cuda"):
