@@ -15,15 +15,48 @@ from vlmtune.tiny import build  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen(tmp_path_factory):
-    """Folder of the tiny Qwen2.5-VL checkpoint (2 text layers, 2 vision blocks, 56-224 px images)."""
-    return build("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(family)``: the folder of that family's tiny checkpoint, built on first use in the session."""
+    folders = {}
+
+    def folder(family: str):
+        if family not in folders:
+            folders[family] = build(family, tmp_path_factory.mktemp(f"tiny_{family}"))
+        return folders[family]
+
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_gemma(tmp_path_factory):
+def tiny_qwen(tiny_checkpoint):
+    """Folder of the tiny Qwen2.5-VL checkpoint (2 text layers, 2 vision blocks, 56-224 px images)."""
+    return tiny_checkpoint("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tiny_checkpoint):
+    return tiny_checkpoint("qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tiny_checkpoint):
+    return tiny_checkpoint("qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv(tiny_checkpoint):
+    return tiny_checkpoint("minicpmv")
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv4_6(tiny_checkpoint):
+    return tiny_checkpoint("minicpmv4_6")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tiny_checkpoint):
     """Folder of the tiny Gemma-3 checkpoint (2 text layers, 2 SigLIP layers, 64 px, 16 soft tokens)."""
-    return build("gemma3", tmp_path_factory.mktemp("tiny_gemma3"))
+    return tiny_checkpoint("gemma3")
 
 
 @pytest.fixture(params=["qwen2_5_vl", "gemma3"])

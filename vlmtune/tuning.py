@@ -32,7 +32,8 @@ class TuningConfig:
     Attributes:
         vision: mode of the vision tower: ``"frozen"``, ``"lora"`` or ``"full"``.
         projector: mode of the vision→language projector (``"frozen"`` by default: it never gets LoRA by
-            accident; ``"full"`` trains and exports it, ``"lora"`` only where the adapter tags projector linears).
+            accident; ``"full"`` trains and exports it, ``"lora"`` only where the adapter tags projector linears,
+            and not inside a ``"full"`` vision tower that contains it, as Qwen-VL's does: that is refused).
         language: mode of the language tower.
         attention: LoRA on attention projections.
         mlp: LoRA on MLP projections.
@@ -197,7 +198,39 @@ def _is_linear(module: torch.nn.Module) -> bool:
 def full_tower_modules(adapter: Adapter, config: TuningConfig) -> list[str]:
     """Module prefixes trained in full (``modules_to_save``): ``"full"`` towers plus the user's extras."""
     full = [p for t in ("vision", "projector", "language") if getattr(config, t) == "full" for p in adapter.towers[t]]
-    return full + list(config.modules_to_save)
+    full = list(dict.fromkeys(full + list(config.modules_to_save)))
+    # A module inside another one trained in full (Qwen-VL's merger in a "full" vision tower) trains inside the outer
+    # copy. Wrapping it too (PEFT 0.21) freezes that inner part of the outer copy, which the forward runs, and adds a
+    # trainable second copy that the forward never calls: the projector would silently not train.
+    return [p for p in full if not any(p.startswith(outer + ".") for outer in full)]
+
+
+def _disable_input_require_grads(model: torch.nn.Module) -> None:
+    try:
+        model.disable_input_require_grads()
+    except AttributeError:  # releases that keep one hook attribute raise when none was ever set: nothing to remove
+        pass
+
+
+def _check_targets(adapter: Adapter, targets: list[str], to_save: list[str]) -> None:
+    """Refuse, before the model is touched, what PEFT cannot do as asked."""
+    if not targets and not to_save:
+        raise ValueError("nothing to train: every tower is frozen and no modules_to_save are given")
+    if not targets:
+        raise ValueError(
+            "no tower is set to 'lora', so there is no adapter to export; set vision or language to 'lora' "
+            "(a 'full'-only run is plain full fine-tuning, which vlmtune does not export as an adapter)"
+        )
+    # PEFT skips LoRA targets inside a modules_to_save copy (Qwen-VL's merger in a "full" vision tower): they would
+    # train in full instead, or PEFT fails with "No modules were targeted" when nothing else gets LoRA.
+    inside = [t for t in targets if any(t.startswith(outer + ".") for outer in to_save)]
+    if inside:
+        towers = " and ".join(sorted({adapter.tower_of(t) or "language" for t in inside}))
+        outer = [o for o in to_save if any(t.startswith(o + ".") for t in inside)]
+        raise ValueError(
+            f"{towers} set to 'lora', but its LoRA targets {inside[:3]} lie inside {outer}, which trains in full; "
+            f"set {towers} to 'full' (it then trains with {outer[0]}) or 'frozen'"
+        )
 
 
 def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig):
@@ -210,10 +243,13 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
 
     targets = lora_target_names(model, adapter, config)
     to_save = full_tower_modules(adapter, config)
-    if not targets and not to_save:
-        raise ValueError("nothing to train: every tower is frozen and no modules_to_save are given")
+    _check_targets(adapter, targets, to_save)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers (here) and PEFT (in get_peft_model) hook every sub-model's input embedding so that its output
+        # requires grad, which only reentrant checkpointing needs. On a frozen vision tower with a trained projector
+        # inside (Qwen2-VL, Qwen2.5-VL, MiniCPM-V 4.6) that made every frozen block record a graph for backward.
+        _disable_input_require_grads(model)
         if not config.vision_checkpointing:
             for name, module in model.named_modules():
                 # transformers' GradientCheckpointingLayer checks this flag per layer on every call.
@@ -230,15 +266,11 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         task_type="CAUSAL_LM",
         bias="none",
     )
-    if not targets:
-        raise ValueError(
-            "no tower is set to 'lora', so there is no adapter to export; set vision or language to 'lora' "
-            "(a 'full'-only run is plain full fine-tuning, which vlmtune does not export as an adapter)"
-        )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.init_seed)
         peft_model = get_peft_model(model, lora)
+    _disable_input_require_grads(model)  # PEFT sets the hooks again (see above)
     _freeze_nested_frozen_towers(peft_model, adapter, config)
     if config.lora_dtype == "compute":
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

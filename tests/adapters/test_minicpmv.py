@@ -15,16 +15,10 @@ from vlmtune.adapters.minicpmv import IMAGE_TAG, MINICPMV, MiniCPMVProcessor
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.models import minicpmv_image
 from vlmtune.testing import collate, noise, single, turn
-from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 QUERY = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_minicpmv(tmp_path_factory):
-    return build("minicpmv", tmp_path_factory.mktemp("tiny_minicpmv"))
 
 
 @pytest.fixture(scope="module")

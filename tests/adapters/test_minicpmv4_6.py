@@ -16,13 +16,7 @@ from vlmtune.adapters.minicpmv4_6 import MINICPMV4_6, num_image_tokens
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.schema import DataError
 from vlmtune.testing import collate, noise, single, turn
-from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
-
-
-@pytest.fixture(scope="module")
-def tiny_minicpmv4_6(tmp_path_factory):
-    return build("minicpmv4_6", tmp_path_factory.mktemp("tiny_minicpmv4_6"))
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from vlmtune.adapters import detect
 from vlmtune.adapters.qwen_vl import QWEN2_5_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.testing import collate, noise, single, turn
-from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_vl(tmp_path_factory):
-    return build("qwen2_vl", tmp_path_factory.mktemp("tiny_qwen2_vl"))
 
 
 @pytest.fixture(scope="module")

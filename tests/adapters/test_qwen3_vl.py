@@ -16,13 +16,7 @@ from vlmtune.adapters import detect
 from vlmtune.adapters.qwen_vl import QWEN3_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.testing import collate, noise, single, turn
-from vlmtune.tiny import build
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3_vl(tmp_path_factory):
-    return build("qwen3_vl", tmp_path_factory.mktemp("tiny_qwen3_vl"))
 
 
 @pytest.fixture(scope="module")

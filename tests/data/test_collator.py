@@ -138,20 +138,6 @@ LITERAL_TAGS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_minicpmv(tmp_path_factory):
-    from vlmtune.tiny import build
-
-    return build("minicpmv", tmp_path_factory.mktemp("tiny_minicpmv"))
-
-
-@pytest.fixture(scope="module")
-def tiny_minicpmv4_6(tmp_path_factory):
-    from vlmtune.tiny import build
-
-    return build("minicpmv4_6", tmp_path_factory.mktemp("tiny_minicpmv4_6"))
-
-
-@pytest.fixture(scope="module")
 def family_models(tiny_qwen, tiny_gemma, tiny_minicpmv, tiny_minicpmv4_6):
     import vlmtune
 

@@ -10,7 +10,6 @@ from vlmtune.adapters.minicpmv4_6 import keep_packed_samples_apart
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.packing import PackedCollator, image_block_ids, pack_lengths, packed_attention_masks
 from vlmtune.testing import single
-from vlmtune.tiny import build
 
 QWEN = ["tiny_qwen", "tiny_qwen2_vl", "tiny_qwen3_vl"]
 FAMILIES = [*QWEN, "tiny_gemma", "tiny_minicpmv", "tiny_minicpmv4_6"]
@@ -103,26 +102,6 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def rows(latex_data):
     return vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_vl(tmp_path_factory):
-    return build("qwen2_vl", tmp_path_factory.mktemp("tiny_qwen2_vl"))
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3_vl(tmp_path_factory):
-    return build("qwen3_vl", tmp_path_factory.mktemp("tiny_qwen3_vl"))
-
-
-@pytest.fixture(scope="module")
-def tiny_minicpmv(tmp_path_factory):
-    return build("minicpmv", tmp_path_factory.mktemp("tiny_minicpmv"))
-
-
-@pytest.fixture(scope="module")
-def tiny_minicpmv4_6(tmp_path_factory):
-    return build("minicpmv4_6", tmp_path_factory.mktemp("tiny_minicpmv4_6"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from vlmtune.kernels import vision_attention
 from vlmtune.kernels.patch import apply_kernels
 from vlmtune.kernels.vision_attention import plan_sequences, varlen_attention
 from vlmtune.testing import collate, noise, single
-from vlmtune.tiny import build
 
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
@@ -93,9 +92,9 @@ def test_cu_seqlens_that_do_not_cover_the_query_raise():
         varlen_attention(q, q, q, torch.tensor([0, 6, 12]))
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def qwen_family(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory.mktemp(f"tiny_{request.param}"))
+@pytest.fixture(params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def qwen_family(request, tiny_checkpoint):
+    return tiny_checkpoint(request.param)
 
 
 def test_patched_vision_tower_matches_the_loop(qwen_family):
