@@ -357,45 +357,8 @@ def init_lora_b(peft_model) -> None:
             torch.nn.init.normal_(param, std=0.02)
 
 
-def tensors_in(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors_in(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from tensors_in(v)
-    elif hasattr(value, "to_tuple"):
-        yield from tensors_in(value.to_tuple())
-
-
 def vision_batch(collator):
     return collate(collator, (single("Read this.", r"\frac{1}{2}"), [noise((80, 40))]))
-
-
-@pytest.mark.parametrize("vision", ["frozen", "lora"])
-def test_frozen_vision_has_no_graph_and_language_lora_gets_grads(tiny_gemma, collator, vision):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_gemma)
-    peft_model = apply_tuning(model, GEMMA3, TuningConfig(vision=vision))
-    init_lora_b(peft_model)
-    peft_model.train()
-    outputs = []
-    tower = peft_model.get_base_model().model.vision_tower
-    tower.register_forward_hook(lambda _m, _args, out: outputs.extend(tensors_in(out)))
-    loss = peft_model(**vision_batch(collator)).loss
-    assert outputs, "the vision tower did not run"
-    if vision == "frozen":
-        assert all(not t.requires_grad and t.grad_fn is None for t in outputs)
-    else:  # the hook sees a graph when the tower trains, so the check above is not vacuous
-        assert any(t.requires_grad for t in outputs)
-    loss.backward()
-    assert torch.isfinite(loss)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name and ".language_model." in name:
-            assert param.grad is not None and param.grad.abs().sum() > 0, name
-        if vision == "frozen" and (".vision_tower." in name or ".multi_modal_projector." in name):
-            assert param.grad is None, name
 
 
 # --- QLoRA -------------------------------------------------------------------------------------------------
