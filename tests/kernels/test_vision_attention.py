@@ -76,6 +76,8 @@ def test_plan_groups_sequences_by_length_and_is_reused():
     cu_seqlens = torch.tensor(CASES["windows"])
     plan = plan_sequences(cu_seqlens)
     assert plan_sequences(cu_seqlens) is plan  # every block of one forward reuses it
+    images = torch.tensor([0, 37, 61])  # Qwen2.5-VL's full-attention blocks come between windowed ones
+    assert plan_sequences(images) is not plan and plan_sequences(cu_seqlens) is plan
     assert plan.total == 61 and plan.max_len == 16 and plan.uniform is None
     assert [length for length, _ in plan.groups] == [8, 13, 16]
     by_length = {length: index.tolist() for length, index in plan.groups}

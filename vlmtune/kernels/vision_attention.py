@@ -16,8 +16,8 @@ images on Qwen2.5-VL-7B issues about 11,000 attention kernels per step and leave
 
 Either way the arithmetic per sequence is the one the loop does (softmax over that sequence's keys only,
 ``scale = head_dim ** -0.5``), so results match it to the kernel's rounding. The grouping is worked out once per
-``cu_seqlens`` tensor (one device-to-host copy per forward instead of one per block) and reused by every block
-and by the recomputation in backward.
+``cu_seqlens`` tensor (one device-to-host copy per tensor and forward instead of one per block) and reused by
+every block and by the recomputation in backward.
 """
 
 from __future__ import annotations
@@ -56,14 +56,17 @@ class SequencePlan:
     groups: tuple[tuple[int, torch.Tensor], ...]
 
 
-_last_plan: tuple[weakref.ref, SequencePlan] | None = None
+# The plans of the most recent cu_seqlens tensors. Qwen2.5-VL alternates between two per forward (windows in most
+# blocks, whole images in its full-attention blocks), so one slot would re-plan at every switch.
+_PLANS: list[tuple[weakref.ref, SequencePlan]] = []
+_PLANS_KEPT = 4
 
 
 def plan_sequences(cu_seqlens: torch.Tensor) -> SequencePlan:
-    """The :class:`SequencePlan` of ``cu_seqlens`` (cached for the most recent tensor object)."""
-    global _last_plan
-    if _last_plan is not None and _last_plan[0]() is cu_seqlens:
-        return _last_plan[1]
+    """The :class:`SequencePlan` of ``cu_seqlens`` (cached for the few most recent tensor objects)."""
+    for ref, cached in _PLANS:
+        if ref() is cu_seqlens:
+            return cached
     bounds = cu_seqlens.tolist()
     spans = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     lengths = [n for _, n in spans]
@@ -81,7 +84,8 @@ def plan_sequences(cu_seqlens: torch.Tensor) -> SequencePlan:
             index = (first[:, None] + torch.arange(length)[None, :]).reshape(-1)
             groups.append((length, index.to(cu_seqlens.device, non_blocking=True)))
     plan = SequencePlan(total=total, max_len=max(lengths, default=0), uniform=uniform, groups=tuple(groups))
-    _last_plan = (weakref.ref(cu_seqlens), plan)
+    _PLANS.insert(0, (weakref.ref(cu_seqlens), plan))
+    del _PLANS[_PLANS_KEPT:]
     return plan
 
 
