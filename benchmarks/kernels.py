@@ -4,12 +4,19 @@
                                             # benchmarks/results/kernels_<device>.json
     python benchmarks/kernels.py --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
 
-Each case runs forward and backward of the kernel and of the reference on the same inputs. ``*_ms`` is the
-median of ``--reps`` runs after ``--warmup`` runs, measured with CUDA events: it includes the gaps where the
-GPU waits for Python to launch the next kernel, which dominate for the small memory-bound ops at 2048 tokens.
-``*_gpu_ms`` is the sum of the kernels' own durations from the profiler, averaged over the same number of
-runs: what the op costs once a training step keeps the GPU busy. Peak memory is the allocator's peak above
-what the inputs already hold, for one forward + backward.
+Each case runs forward and backward of the kernel and of the reference on the same inputs. Four times each:
+
+- ``*_ms`` (synced): the median of ``--reps`` runs after ``--warmup`` runs, each started on an idle GPU and
+  waited for, measured with CUDA events: it includes the gaps where the GPU waits for Python to launch the next
+  kernel, which dominate for the small memory-bound ops at 2048 tokens.
+- ``*_queued_ms``: ``--reps`` runs queued back to back, one CUDA-event pair around all of them, divided by
+  ``--reps``: how the op runs inside a training step, where the host runs ahead of the GPU (the way
+  ``triton.testing.do_bench`` times a kernel). It is the larger of the GPU's time and the host's.
+- ``*_host_ms``: the median time Python takes to queue one run (``time.perf_counter``; launches are
+  asynchronous): what an op costs when the step is host-bound.
+- ``*_gpu_ms``: the sum of the kernels' own durations from the profiler, averaged over ``--reps`` runs.
+
+Peak memory is the allocator's peak above what the inputs already hold, for one forward + backward.
 """
 
 from __future__ import annotations
@@ -161,6 +168,32 @@ def _time_ms(step: Step, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _queued_ms(step: Step, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _host_ms(step: Step, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def _gpu_ms(step: Step, reps: int) -> float:
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with warnings.catch_warnings():
@@ -195,8 +228,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     if cuda:
-        header = ("op (triton vs reference)", "wall ms", "", "gpu ms", "", "peak MiB")
-        print("{:34s} {:>15s} {:6s}  {:>15s} {:6s}  {:>15s}".format(*header))
+        header = ("op (triton vs reference)", "synced ms", "", "queued ms", "", "host ms", "", "gpu ms", "")
+        print("{:34s}{}".format(header[0], "".join(f" {h:>15s} {x:6s}" for h, x in zip(header[1::2], header[2::2]))))
     for name, build in cases(args.smoke).items():
         if args.only not in name:
             continue
@@ -211,19 +244,23 @@ def main() -> None:
             "op": name,
             "triton_ms": _time_ms(kernel, args.warmup, args.reps),
             "reference_ms": _time_ms(reference, args.warmup, args.reps),
+            "triton_queued_ms": _queued_ms(kernel, args.warmup, args.reps),
+            "reference_queued_ms": _queued_ms(reference, args.warmup, args.reps),
+            "triton_host_ms": _host_ms(kernel, args.warmup, args.reps),
+            "reference_host_ms": _host_ms(reference, args.warmup, args.reps),
             "triton_gpu_ms": _gpu_ms(kernel, args.reps),
             "reference_gpu_ms": _gpu_ms(reference, args.reps),
             "triton_peak_mib": _peak_mib(kernel),
             "reference_peak_mib": _peak_mib(reference),
         }
-        row["speedup"] = row["reference_ms"] / row["triton_ms"]
-        row["gpu_speedup"] = row["reference_gpu_ms"] / row["triton_gpu_ms"]
+        for kind in ("", "queued_", "host_", "gpu_"):
+            row[f"{kind}speedup"] = row[f"reference_{kind}ms"] / row[f"triton_{kind}ms"]
         rows.append(row)
-        print(
-            f"{name:34s} {row['triton_ms']:7.3f} {row['reference_ms']:7.3f} x{row['speedup']:5.2f}  "
-            f"{row['triton_gpu_ms']:7.3f} {row['reference_gpu_ms']:7.3f} x{row['gpu_speedup']:5.2f}  "
-            f"{row['triton_peak_mib']:7.0f} {row['reference_peak_mib']:7.0f}"
+        cells = "".join(
+            f" {row[f'triton_{kind}ms']:7.3f} {row[f'reference_{kind}ms']:7.3f} x{row[f'{kind}speedup']:5.2f}"
+            for kind in ("", "queued_", "host_", "gpu_")
         )
+        print(f"{name:34s}{cells}  peak MiB {row['triton_peak_mib']:.0f} / {row['reference_peak_mib']:.0f}")
         del kernel, reference
         torch.cuda.empty_cache()
     if not cuda or args.smoke:
@@ -239,7 +276,8 @@ def main() -> None:
         "python": platform.python_version(),
         "dtype": str(dtype),
         "tokens": 2048,
-        "timing": f"median of {args.reps} forward+backward runs after {args.warmup} warm-up, CUDA events",
+        "timing": f"{args.reps} forward+backward runs after {args.warmup} warm-up: synced (median, CUDA events), "
+        "queued (mean of back-to-back runs), host (median perf_counter), gpu (profiler kernel time)",
     }
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {path}")

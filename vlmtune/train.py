@@ -48,8 +48,8 @@ class TrainConfig:
         save_steps: checkpoint every N steps (0: no intermediate checkpoints).
         seed: seed of weights init for LoRA, data order and dropout.
         optim: ``"adamw"`` (torch AdamW, fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes' 8-bit AdamW).
-        kernels: swap the language tower's hot ops for vlmtune's Triton kernels (``None``: on when CUDA is
-            present; ``False``: the plain transformers path).
+        kernels: swap the language tower's hot ops for vlmtune's Triton kernels (``None``: on when the
+            model is on CUDA; ``False``: the plain transformers path).
         dataloader_workers: DataLoader worker processes (images decode in them).
         report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
         resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
@@ -174,9 +174,11 @@ def make_optimizer(model, adapter: Adapter, tuning: TuningConfig, config: TrainC
     return torch.optim.AdamW(groups, lr=config.lr, fused=on_cuda or None)
 
 
-def use_kernels(config: TrainConfig) -> bool:
-    """Whether this run patches in the Triton kernels (default: exactly when CUDA is present)."""
-    return torch.cuda.is_available() if config.kernels is None else config.kernels
+def use_kernels(config: TrainConfig, model: torch.nn.Module) -> bool:
+    """Whether this run patches in the Triton kernels (default: exactly when the model is on CUDA)."""
+    if config.kernels is not None:
+        return config.kernels
+    return torch.cuda.is_available() and any(p.device.type == "cuda" for p in model.parameters())
 
 
 def train(
@@ -211,7 +213,7 @@ def train(
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     patch = None
-    if use_kernels(config):
+    if use_kernels(config, model):
         from vlmtune.kernels.patch import apply_kernels
 
         patch = apply_kernels(model, adapter)

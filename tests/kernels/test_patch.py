@@ -26,7 +26,8 @@ import vlmtune
 from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.spec import DataSpec, load_rows
-from vlmtune.kernels.patch import ALL_OPS, apply_kernels, kernels_available
+from vlmtune.kernels.patch import ALL_OPS, apply_kernels, kernels_available, kernels_run_on
+from vlmtune.train import use_kernels
 
 # Qwen's smallest images (2x2 merged patches per image) keep the interpreted steps short.
 IMAGE_OPTIONS = {"qwen2_5_vl": {"max_pixels": 56 * 56}, "gemma3": {}}
@@ -49,13 +50,13 @@ def family_path(request, tiny_qwen, tiny_gemma):
 
 def _tuned(path, quant="none", **tuning):
     set_seed(0)  # the same LoRA init in every model built from the same arguments
-    model, processor, adapter = vlmtune.load(path, quant=quant)
+    model, processor, adapter = vlmtune.load(path, quant=quant, dtype="float32")
     model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(**tuning))
     # PEFT starts B at zero, which would leave A without gradient: give B values so every factor is checked.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+                param.normal_(0.0, 0.05, generator=torch.Generator(param.device).manual_seed(len(name)))
     return model.train(), processor, adapter
 
 
@@ -178,7 +179,7 @@ def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_row
 
 
 def test_patched_forward_keeps_the_signature_trainer_and_generate_read(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma)
+    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
     before = inspect.signature(model.forward)
     patch = apply_kernels(model, adapter, ("cross_entropy",))
     assert inspect.signature(model.forward) == before
@@ -194,7 +195,7 @@ def test_lora_layers_keep_peft_path_when_the_kernel_does_not_apply(tiny_qwen):
     patch.revert()
 
 
-def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma):
+def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma, device):
     # Gemma3ForCausalLM soft-caps its logits (the multimodal class does not): a text-only tiny model with a
     # cap small enough to bite checks the fused loss caps exactly where Hugging Face does.
     from transformers import AutoConfig, Gemma3ForCausalLM
@@ -202,12 +203,13 @@ def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma):
     text_config = AutoConfig.from_pretrained(tiny_gemma).text_config
     text_config.final_logit_softcapping = 2.0
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(text_config).train()
+    model = Gemma3ForCausalLM(text_config).to(device).train()
     adapter = dataclasses.replace(
         vlmtune.detect(AutoConfig.from_pretrained(tiny_gemma)),
         towers={"vision": (), "projector": (), "language": ("model", "lm_head")},
     )
     input_ids = torch.randint(3, text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
     labels = input_ids.clone()
     labels[:, :4] = -100
     batch = {"input_ids": input_ids, "labels": labels}
@@ -235,7 +237,7 @@ def test_rope_outside_the_kernel_shapes_falls_back_to_transformers():
 
 
 def test_deep_copy_of_a_patched_model_is_patched_on_its_own(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma)
+    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
     patch = apply_kernels(model, adapter, ("rms_norm", "mlp"))
     clone = copy.deepcopy(model)
     patch.revert()
@@ -245,7 +247,7 @@ def test_deep_copy_of_a_patched_model_is_patched_on_its_own(tiny_gemma):
 
 
 def test_refuses_unknown_ops_and_double_patching(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma)
+    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
     with pytest.raises(ValueError, match="unknown kernel op"):
         apply_kernels(model, adapter, ("rms_norm", "flash_attention"))
     patch = apply_kernels(model, adapter, ("mlp",))
@@ -264,9 +266,22 @@ def test_kernels_available_needs_cuda_or_the_interpreter(monkeypatch):
     assert not kernels_available()
 
 
+def test_a_model_off_cuda_is_refused_without_the_interpreter(tiny_gemma, monkeypatch):
+    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, the model left on its CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels_available() and not kernels_run_on(model)
+    with pytest.raises(RuntimeError, match="the model is on cpu.*model.cuda"):
+        apply_kernels(model, adapter, ("mlp",))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    # train()'s default follows the model, not the machine
+    assert not use_kernels(vlmtune.TrainConfig(output_dir="unused"), model)
+    assert use_kernels(vlmtune.TrainConfig(output_dir="unused", kernels=True), model)
+
+
 def _train_losses(path, rows, tmp_path, kernels, steps):
     set_seed(0)
-    model, processor, adapter = vlmtune.load(path)
+    model, processor, adapter = vlmtune.load(path, dtype="float32")
     # Checkpointing off: the recomputation would run every interpreted kernel twice. The checks above run
     # with it on (apply_tuning's default).
     tuning = vlmtune.TuningConfig(vision="frozen", language="lora", gradient_checkpointing=False)

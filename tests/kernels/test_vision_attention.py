@@ -101,12 +101,12 @@ def qwen_family(request, tiny_checkpoint):
 
 def test_patched_vision_tower_matches_the_loop(qwen_family):
     set_seed(0)
-    model, processor, adapter = vlmtune.load(qwen_family)
+    model, processor, adapter = vlmtune.load(qwen_family, dtype="float32")
     model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="lora", language="frozen"))
     with torch.no_grad():  # PEFT starts B at zero: give it values so every LoRA factor gets a gradient
         for name, param in model.named_parameters():
             if ".lora_B." in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+                param.normal_(0.0, 0.05, generator=torch.Generator(param.device).manual_seed(len(name)))
     model.train()
     collator = Collator(adapter, processor, model.config)
     # 112x84 px: 8x6 patches, 4x3 merged; Qwen2.5-VL's 56 px windows cut that into 2x2 and 2x1 windows, so the

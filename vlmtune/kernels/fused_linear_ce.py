@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmtune.kernels.launch import fast_launch
+
 _MAX_BLOCK_V = 16384
 # Logits elements per chunk when chunk_size is not given: 2^27 is 256 MiB in bf16.
 _CHUNK_ELEMENTS = 2**27
@@ -38,6 +40,7 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+@fast_launch
 @triton.jit
 def _ce_chunk_kernel(
     logits_ptr,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmtune.kernels.launch import fast_launch
+
 _BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715
@@ -43,6 +45,7 @@ def _activation(g, ACTIVATION: tl.constexpr, SQRT_2_OVER_PI: tl.constexpr, KAPPA
         return g * s, s + 2.0 * g * s * (1.0 - s) * d_inner
 
 
+@fast_launch
 @triton.jit
 def _gated_fwd_kernel(
     gate_ptr,
@@ -63,6 +66,7 @@ def _gated_fwd_kernel(
     tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _gated_bwd_kernel(
     dy_ptr,

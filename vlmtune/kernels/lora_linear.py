@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmtune.kernels.launch import fast_launch
+
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023, appendix E), as bitsandbytes stores them in fp32.
 NF4_LEVELS = (
     -1.0,
@@ -54,6 +56,7 @@ _LEVELS: dict[torch.device, torch.Tensor] = {}
 _BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
 
+@fast_launch
 @triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr,
@@ -187,16 +190,18 @@ class _LoraLinearFunction(torch.autograd.Function):
         a_dtype, b_dtype, bias_dtype = ctx.dtypes
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = da = db = dbias = None
+        # The LoRA scale rides in the GEMMs' alpha (addmm with beta=0 ignores its first argument, which only
+        # gives the shape): no separate pass, and no extra launch on a host-bound step.
         if needs_x or needs_a:
-            dy_b = (dy2d @ b).mul_(scale)  # (N, r): small, so scaling it is cheaper than scaling dy
+            dy_b = dy2d @ b  # (N, r)
             if needs_a:
-                da = (dy_b.t() @ x2d).to(a_dtype)
+                da = torch.addmm(a, dy_b.t(), x2d, beta=0, alpha=scale).to(a_dtype)
             if needs_x:
                 w = _base_weight(weight, ctx.quant_state, dy2d.dtype)
-                dx = (dy2d @ w).addmm_(dy_b, a)
+                dx = (dy2d @ w).addmm_(dy_b, a, alpha=scale)
                 dx = dx.reshape(ctx.x_shape)
         if needs_b:
-            db = (dy2d.t() @ (xa * scale)).to(b_dtype)
+            db = torch.addmm(b, dy2d.t(), xa, beta=0, alpha=scale).to(b_dtype)
         if needs_bias:
             dbias = dy2d.sum(0).to(bias_dtype)
         return dx, None, None, dbias, da, db, None

@@ -77,6 +77,16 @@ def kernels_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernels_run_on(model: torch.nn.Module) -> bool:
+    """Whether the kernels can run on ``model``'s device: it has a parameter on CUDA, or the interpreter is on.
+
+    A model left on the CPU of a CUDA machine would hand CPU tensors to compiled Triton kernels.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
 @dataclasses.dataclass
 class KernelPatch:
     """What :func:`apply_kernels` changed, and how to undo it.
@@ -117,7 +127,8 @@ def apply_kernels(model: torch.nn.Module, adapter: Adapter, ops: tuple[str, ...]
         The :class:`KernelPatch`; call ``revert()`` to restore the plain model.
 
     Raises:
-        RuntimeError: when the kernels cannot run here (see :func:`kernels_available`).
+        RuntimeError: when the kernels cannot run here (see :func:`kernels_available`), or not on the
+            model's device (see :func:`kernels_run_on`).
         ValueError: for an unknown op, or a model that is already patched.
     """
     unknown = sorted(set(ops) - set(ALL_OPS))
@@ -129,6 +140,12 @@ def apply_kernels(model: torch.nn.Module, adapter: Adapter, ops: tuple[str, ...]
             "interpreter, set before triton is imported); train with kernels=False instead"
         )
     base = _base_model(model)
+    if not kernels_run_on(base):
+        device = next((p.device for p in base.parameters()), torch.device("cpu"))
+        raise RuntimeError(
+            f"the model is on {device}, and the Triton kernels run on CUDA (or on the CPU under "
+            "TRITON_INTERPRET=1): move it with model.cuda() first, or train with kernels=False"
+        )
     if any(_STATE in m.__dict__ for m in base.modules()):
         raise ValueError("kernels are already applied to this model; revert() that KernelPatch first")
     patch = KernelPatch(patched={op: [] for op in ops}, skipped={})

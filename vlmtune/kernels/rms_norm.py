@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmtune.kernels.launch import fast_launch
+
 _CASTINGS = ("llama", "gemma")
 
 
@@ -37,6 +39,7 @@ def _num_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr,
@@ -67,6 +70,7 @@ def _rms_norm_fwd_kernel(
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr,

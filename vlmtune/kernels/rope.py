@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmtune.kernels.launch import fast_launch
+
 
 @triton.jit
 def _rotate_tile(
@@ -60,6 +62,7 @@ def _rotate_tile(
     tl.store(out_ptr + o_offs + half, y2.to(dt), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rope_kernel(
     q_ptr,
