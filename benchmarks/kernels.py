@@ -229,7 +229,8 @@ def main() -> None:
     rows = []
     if cuda:
         header = ("op (triton vs reference)", "synced ms", "", "queued ms", "", "host ms", "", "gpu ms", "")
-        print("{:34s}{}".format(header[0], "".join(f" {h:>15s} {x:6s}" for h, x in zip(header[1::2], header[2::2]))))
+        cells = "".join(f" {h:>15s} {x:6s}" for h, x in zip(header[1::2], header[2::2], strict=True))
+        print(f"{header[0]:34s}{cells}")
     for name, build in cases(args.smoke).items():
         if args.only not in name:
             continue

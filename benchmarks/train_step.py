@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -236,32 +237,61 @@ def benchmark(args) -> list[dict[str, Any]]:
     return results
 
 
-def _fits(args, name: str, batch: int, limit: float) -> bool:
+def _probe(args, name: str, batch: int, limit: float) -> float | None:
+    """Peak reserved GiB of two steps at ``batch`` under ``limit`` GiB, or None when it does not fit."""
     prepared = prepare(args, batch)
     record = run_config(args, name, prepared, None, warmup=1, steps=1, memory_limit_gib=limit)
-    say(f"{name} batch {batch} in {limit} GiB: {record.get('status')}")
-    return record.get("status") == "ok"
+    peak = record.get("peak_reserved_gib")
+    say(f"{name} batch {batch} in {limit} GiB: {record.get('status')} (peak reserved {peak} GiB)")
+    return record.get("peak_reserved_gib") if record.get("status") == "ok" else None
+
+
+def largest_batch(probe: Callable[[int, float], float | None], limits: list[float], start: int, cap: int) -> dict:
+    """Largest batch (up to ``cap``) whose two steps fit each of ``limits`` GiB: predict, then verify.
+
+    ``probe(batch, limit)`` runs one process and returns its peak GiB, or None when it ran out of memory.
+    Memory grows linearly with the batch (weights + batch x activations), so two probes under the largest
+    limit give the line, and each limit then needs its predicted batch and the one after it (bisection only
+    when the line misses): 6 processes per configuration instead of ~20 for doubling and bisection.
+    """
+    top = max(limits)
+    first = probe(start, top)
+    tried = [(start, first)]
+    if first is not None and 2 * start <= cap:
+        tried.append((2 * start, probe(2 * start, top)))
+    found = {}
+    for limit in sorted(limits):
+        low = max((b for b, peak in tried if peak is not None and peak <= limit), default=0)  # fits
+        high = min((b for b, peak in tried if peak is None or peak > limit), default=None)  # does not
+        if high is None and len(tried) == 2:
+            (b1, p1), (b2, p2) = tried
+            slope = (p2 - p1) / (b2 - b1)
+            guess = cap if slope <= 0 else min(cap, b2 + int((limit - p2) / slope))
+            guess, step = max(guess, low + 1), 1
+            while guess <= cap:
+                if probe(guess, limit) is None:
+                    high = guess
+                    break
+                low, guess, step = guess, guess + step, step * 2
+        high = cap + 1 if high is None else high
+        while high - low > 1:  # the line missed, or there was no line: bisect
+            mid = (low + high) // 2
+            low, high = (mid, high) if probe(mid, limit) is not None else (low, mid)
+        found[f"{limit:g}GiB"] = low
+    return found
 
 
 def max_batch(args) -> dict[str, dict[str, int]]:
-    """Largest fixed-shape batch that trains two steps within each memory limit (doubling, then bisection)."""
+    """Largest fixed-shape batch that trains two steps within each memory limit (see :func:`largest_batch`)."""
     found: dict[str, dict[str, int]] = {}
     for name in args.configs:
-        found[name] = {}
-        for limit in args.max_batch_limits:
-            low, high = 0, None
-            batch = args.batch
-            while high is None and batch <= args.max_batch_cap:
-                if _fits(args, name, batch, limit):
-                    low, batch = batch, batch * 2
-                else:
-                    high = batch
-            high = high or args.max_batch_cap + 1
-            while high - low > 1:
-                mid = (low + high) // 2
-                low, high = (mid, high) if _fits(args, name, mid, limit) else (low, mid)
-            found[name][f"{limit:g}GiB"] = low
-            say(f"{name}: largest batch in {limit:g} GiB = {low}")
+        found[name] = largest_batch(
+            lambda batch, limit, name=name: _probe(args, name, batch, limit),
+            args.max_batch_limits,
+            args.batch,
+            args.max_batch_cap,
+        )
+        say(f"{name}: largest batch {found[name]}")
     prepared = prepare(args, args.batch)
     path = Path(args.out) / f"{args.model}_{args.shape}_{device_slug(prepared['device_name'])}_maxbatch.json"
     path.parent.mkdir(parents=True, exist_ok=True)

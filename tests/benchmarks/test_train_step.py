@@ -383,3 +383,37 @@ def test_real_size_minicpmv_specs_match_the_releases(monkeypatch):
         )
     assert set(old.unsupported) == {"hf", "unsloth"} and not new.unsupported
     assert {"vlmtune_qlora_kernels_packed", "vlmtune_bf16_packed"} <= set(data.CONFIGS)
+
+
+@pytest.mark.parametrize(
+    ("fixed_gib", "per_sample_gib", "limits", "want", "most_probes"),
+    [
+        (6.0, 0.5, [24, 80], {"24GiB": 36, "80GiB": 128}, 6),  # linear: 2 probes + 2 per limit (80 hits the cap)
+        (6.0, 0.7, [24, 80], {"24GiB": 25, "80GiB": 105}, 6),
+        (30.0, 0.5, [24, 80], {"24GiB": 0, "80GiB": 100}, 12),  # the start itself does not fit in 24 GiB
+    ],
+)
+def test_largest_batch_predicts_from_two_probes_then_verifies(
+    monkeypatch, fixed_gib, per_sample_gib, limits, want, most_probes
+):
+    module = _load_script(monkeypatch)
+    probes = []
+
+    def probe(batch, limit):
+        probes.append((batch, limit))
+        peak = fixed_gib + per_sample_gib * batch
+        return peak if peak <= limit else None
+
+    assert module.largest_batch(probe, limits, start=8, cap=128) == want
+    assert len(probes) <= most_probes
+
+
+def test_largest_batch_recovers_when_memory_is_not_linear(monkeypatch):
+    module = _load_script(monkeypatch)
+
+    def probe(batch, limit):  # activations grow faster than linearly past 20 (e.g. a longer padded batch)
+        peak = 4.0 + 0.5 * batch + (0.1 * (batch - 20) ** 2 if batch > 20 else 0.0)
+        return peak if peak <= limit else None
+
+    want = max(b for b in range(1, 129) if probe(b, 24) is not None)
+    assert module.largest_batch(probe, [24], start=8, cap=128) == {"24GiB": want}
