@@ -62,7 +62,10 @@ def _tuned(path, quant="none", **tuning):
 
 def _batch(model, processor, adapter, rows, n=2):
     collator = Collator(adapter, processor, model.config, image_options=IMAGE_OPTIONS[adapter.name])
-    return collator([{"index": i, "row": rows[i]} for i in range(n)])
+    batch = collator([{"index": i, "row": rows[i]} for i in range(n)])
+    # On a CUDA machine the model loads there (the Trainer would move the batch; a direct call does not).
+    device = next((p.device for p in model.parameters() if p.device.type == "cuda"), torch.device("cpu"))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _loss_and_grads(model, batch, **kwargs):

@@ -114,6 +114,7 @@ def test_patched_vision_tower_matches_the_loop(qwen_family):
     batch = collate(
         collator, (single("Read it.", "x^{2}"), [noise((112, 84))]), (single("And this.", "y"), [noise((56, 56), 1)])
     )
+    batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
