@@ -181,6 +181,9 @@ ODD_IMAGES = {
     "cmyk": (Image.new("CMYK", (40, 20), (0, 255, 255, 0)), (255, 0, 0)),  # PNG cannot hold CMYK
     "16-bit gray png": (_png16_gray(32768), (128, 128, 128)),
     "bilevel": (_png(Image.new("1", (40, 20), 1)), (255, 255, 255)),
+    # mode "F" (e.g. a TIFF, or Image.fromarray of a float array): [0, 1] as numpy users write it, or 0-255
+    "float in [0, 1]": (Image.fromarray(np.full((20, 40), 0.5, dtype=np.float32)), (128, 128, 128)),
+    "float in [0, 255]": (Image.fromarray(np.full((20, 40), 128.0, dtype=np.float32)), (128, 128, 128)),
 }
 
 

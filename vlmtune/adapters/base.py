@@ -117,8 +117,9 @@ class Adapter:
         vision_takes_image_batch: the vision tower is called as ``tower(pixel_values=(N, C, H, W))`` and treats
             each image on its own, so it can run a few images at a time (``TuningConfig.vision_micro_batch``).
         image_options: the user-settable image options and their defaults (documented per family).
-        load_model: optional loader for layouts transformers has no class for (MiniCPM-V remote layout):
-            ``(path, **from_pretrained_kwargs) -> model``; ``None`` uses ``AutoModelForImageTextToText``.
+        load_model: optional ``(path, **from_pretrained_kwargs) -> model`` for a family that needs more than
+            ``AutoModelForImageTextToText`` (``None``): a layout transformers has no class for (MiniCPM-V 2.6 /
+            4.x) or a forward to install after loading (MiniCPM-V 4.6's per-sample DeltaNet for packed rows).
         load_processor: optional ``(path) -> processor`` for layouts ``AutoProcessor`` cannot read; ``None``
             uses ``AutoProcessor``.
     """

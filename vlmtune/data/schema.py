@@ -199,8 +199,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without losing what the picture shows.
 
     Transparency is composited on white (a transparent-background formula would otherwise turn black on
-    black); 16/32-bit grayscale is rescaled to 8 bits (PIL's plain conversion clips it to white); CMYK, palette,
-    grayscale and the rest go through PIL's own conversion.
+    black); 16/32-bit grayscale is rescaled to 8 bits (PIL's plain conversion clips it to white), and a float
+    image with every value in [0, 1] is read as that range (PIL's conversion would make it black); CMYK,
+    palette, grayscale and the rest go through PIL's own conversion.
     """
     if image.mode == "RGB":
         return image
@@ -209,6 +210,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.size and 0.0 <= array.min() and array.max() <= 1.0:
+            top = 1.0  # a float picture in [0, 1] (numpy / scikit-image's convention), not one of at most 1/255
         gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
