@@ -11,15 +11,35 @@ import vlmtune
 from vlmtune.data.collator import Collator
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_export_reloads_in_plain_peft_with_equal_logits(family, tiny_qwen, tiny_gemma, latex_data, tmp_path):
+def _tied_copies(model):
+    modules = dict(model.named_modules())
+    head = modules["base_model.model.lm_head.modules_to_save.default"]
+    embedding = modules["base_model.model.model.language_model.modules_to_save.default.embed_tokens"]
+    return head.weight, embedding.weight
+
+
+@pytest.mark.parametrize(
+    ("family", "towers"),
+    [
+        ("qwen2_5_vl", dict(language="lora", modules_to_save=["lm_head"])),
+        ("gemma3", dict(language="lora", modules_to_save=["lm_head"])),
+        # Gemma-3's lm_head is tied to the embedding: a fully trained language tower trains one copy of both.
+        ("gemma3", dict(language="full")),
+    ],
+    ids=["qwen2_5_vl", "gemma3", "gemma3-language-full"],
+)
+def test_export_reloads_in_plain_peft_with_equal_logits(family, towers, tiny_qwen, tiny_gemma, latex_data, tmp_path):
     path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
     model, processor, adapter = vlmtune.load(path)
-    tuning = vlmtune.TuningConfig(vision="lora", language="lora", modules_to_save=["lm_head"])
+    original = model.get_input_embeddings().weight.detach().clone()
+    tuning = vlmtune.TuningConfig(vision="lora", **towers)
     model = vlmtune.apply_tuning(model, adapter, tuning)
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     config = vlmtune.TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, lr=1e-2)
     vlmtune.train(model, processor, adapter, rows, config, tuning)
+    if towers["language"] == "full":
+        head, embedding = _tied_copies(model)
+        assert head is embedding and not torch.equal(embedding, original)  # trained, and still one matrix
     out = vlmtune.export(model, processor, tmp_path / "out", recipe={"tuning": tuning, "training": config})
 
     files = {p.name for p in out.iterdir()}

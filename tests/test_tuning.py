@@ -253,8 +253,8 @@ def test_every_tower_mode_combination(family, vision, projector, language, loade
     # Checkpointing changes no parameter set and costs a second forward: off here.
     config = TuningConfig(**modes, gradient_checkpointing=False)
     expected_lora = set().union(*(tagged_linears(model, adapter, t) for t, mode in modes.items() if mode == "lora"))
-    # remove_duplicate=False: Gemma-3's lm_head, tied to the embedding, is trained as its own copy when "full".
-    base_params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    # A tied lm_head (Gemma-3) is listed once, under the embedding: "full" trains one copy of the tied matrix.
+    base_params = [n for n, _ in model.named_parameters()]
     assert all(adapter.tower_of(n) for n in base_params)  # every parameter has a tower: the sets below are complete
     nested = any(p.startswith(v + ".") for p in adapter.towers["projector"] for v in adapter.towers["vision"])
     if not expected_lora:  # Gemma-3's projector is a bare weight matrix: "lora" there alone gives no adapter

@@ -266,11 +266,14 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         task_type="CAUSAL_LM",
         bias="none",
     )
+    tied = _tied_embedding_names(model)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.init_seed)
         peft_model = get_peft_model(model, lora)
     _disable_input_require_grads(model)  # PEFT sets the hooks again (see above)
+    if tied is not None:
+        _tie_trained_copies(peft_model, tied, to_save)
     _freeze_nested_frozen_towers(peft_model, adapter, config)
     if config.lora_dtype == "compute":
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -291,6 +294,46 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
     )
     return peft_model
+
+
+def _tied_embedding_names(model: torch.nn.Module) -> tuple[str, str] | None:
+    """``(input embedding, lm_head)`` module names when the two share one weight (Gemma-3, Qwen2.5-VL-3B ...)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or head is None or head.weight is not embedding.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return names[id(embedding)], names[id(head)]
+
+
+def _tie_trained_copies(peft_model, tied: tuple[str, str], to_save: list[str]) -> None:
+    """Keep a tied ``lm_head`` tied to the input embedding when both train in full.
+
+    PEFT's ``modules_to_save`` deep-copies each module it trains, so a fully trained language tower and its
+    ``lm_head`` would get two independent copies of the one tied matrix, trained apart: the model would come
+    out untied, and a loader that re-ties them would silently drop one of the two. The head's copy is pointed
+    at the embedding's copy instead, as the base model does. The exported adapter still holds both entries
+    (equal), so a plain PEFT load reproduces the trained model.
+    """
+    modules = dict(peft_model.named_modules())
+
+    def trained_copy(name: str) -> torch.nn.Module | None:
+        outer = next((o for o in to_save if name == o or name.startswith(o + ".")), None)
+        if outer is None:
+            return None
+        return modules.get(f"base_model.model.{outer}.modules_to_save.default{name[len(outer) :]}")
+
+    embedding, head = (trained_copy(name) for name in tied)
+    if embedding is not None and head is not None:
+        head.weight = embedding.weight
+    elif embedding is not None or head is not None:
+        trained, frozen = tied if embedding is not None else tied[::-1]
+        logger.warning(
+            "%s trains in full but %s, tied to it, does not: they come out untied; add %s to modules_to_save "
+            "(or set its tower to 'full') to keep them tied",
+            trained,
+            frozen,
+            frozen,
+        )
 
 
 def original_name(name: str) -> str:
