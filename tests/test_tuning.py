@@ -376,3 +376,38 @@ def test_vision_checkpointing_can_be_switched_off_alone(family, tiny_qwen, tiny_
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --- a tied lm_head stays tied -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("towers", "tied"),
+    [
+        (dict(language="full"), True),  # the tower's copy holds the embedding; lm_head gets its own copy
+        (dict(language="lora", modules_to_save=["lm_head", "embed_tokens"]), True),  # PEFT's suffix names
+        (dict(language="lora", modules_to_save=["lm_head"]), False),  # only the head trains: untied, with a warning
+    ],
+    ids=["language-full", "both-in-modules-to-save", "head-only"],
+)
+def test_tied_lm_head_trains_as_one_matrix_with_the_embedding(loaded, towers, tied, caplog):
+    model, adapter, batch = loaded("gemma3")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # Gemma-3 ties them
+    config = TuningConfig(vision="lora", gradient_checkpointing=False, **towers)
+    with caplog.at_level("WARNING", logger="vlmtune.tuning"):
+        tuned = apply_tuning(model, adapter, config)
+    modules = dict(tuned.named_modules())
+    head = modules["base_model.model.lm_head.modules_to_save.default"]
+    # the trained embedding: inside the language tower's copy, or its own copy (PEFT's two layouts)
+    embedding = modules.get(
+        "base_model.model.model.language_model.modules_to_save.default.embed_tokens"
+    ) or modules.get("base_model.model.model.language_model.embed_tokens.modules_to_save.default")
+    assert (embedding is not None and head.weight is embedding.weight) == tied
+    assert ("come out untied" in caplog.text) == (not tied)
+    if tied:  # one parameter, trained by both uses: the optimizer holds it once
+        optimizer = make_optimizer(tuned, adapter, config, TrainConfig(lr=1e-3))
+        before = head.weight.detach().clone()
+        tuned(**batch).loss.backward()
+        optimizer.step()
+        assert sum(p is head.weight for group in optimizer.param_groups for p in group["params"]) == 1
+        assert not torch.equal(head.weight, before) and head.weight is embedding.weight

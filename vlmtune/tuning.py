@@ -273,7 +273,7 @@ def apply_tuning(model: torch.nn.Module, adapter: Adapter, config: TuningConfig)
         peft_model = get_peft_model(model, lora)
     _disable_input_require_grads(model)  # PEFT sets the hooks again (see above)
     if tied is not None:
-        _tie_trained_copies(peft_model, tied, to_save)
+        _tie_trained_copies(peft_model, tied)
     _freeze_nested_frozen_towers(peft_model, adapter, config)
     if config.lora_dtype == "compute":
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -305,19 +305,22 @@ def _tied_embedding_names(model: torch.nn.Module) -> tuple[str, str] | None:
     return names[id(embedding)], names[id(head)]
 
 
-def _tie_trained_copies(peft_model, tied: tuple[str, str], to_save: list[str]) -> None:
+def _tie_trained_copies(peft_model, tied: tuple[str, str]) -> None:
     """Keep a tied ``lm_head`` tied to the input embedding when both train in full.
 
-    PEFT's ``modules_to_save`` deep-copies each module it trains, so a fully trained language tower and its
-    ``lm_head`` would get two independent copies of the one tied matrix, trained apart: the model would come
-    out untied, and a loader that re-ties them would silently drop one of the two. The head's copy is pointed
-    at the embedding's copy instead, as the base model does. The exported adapter still holds both entries
-    (equal), so a plain PEFT load reproduces the trained model.
+    PEFT's ``modules_to_save`` deep-copies each module it trains, so a fully trained language tower (or
+    ``modules_to_save=["lm_head", "embed_tokens"]``) would get two independent copies of the one tied matrix,
+    trained apart: the model would come out untied, and a loader that re-ties them would silently drop one of the
+    two. The head's copy is pointed at the embedding's copy instead, as the base model does. The exported adapter
+    still holds both entries (equal), so a plain PEFT load reproduces the trained model.
     """
+    from peft.utils import ModulesToSaveWrapper
+
     modules = dict(peft_model.named_modules())
+    wrapped = [n.removeprefix("base_model.model.") for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)]
 
     def trained_copy(name: str) -> torch.nn.Module | None:
-        outer = next((o for o in to_save if name == o or name.startswith(o + ".")), None)
+        outer = next((w for w in wrapped if name == w or name.startswith(w + ".")), None)
         if outer is None:
             return None
         return modules.get(f"base_model.model.{outer}.modules_to_save.default{name[len(outer) :]}")
