@@ -135,6 +135,21 @@ def test_launch_hooks_and_the_interpreter_keep_tritons_path(fake_cuda):
     assert _kinds(hooked) == ["triton", "triton", "direct"]
 
 
+def test_a_callable_grid_and_an_older_triton_are_left_to_triton(fake_cuda, monkeypatch):
+    x = torch.zeros(64)
+    kernel = _Kernel()
+    fast = FastLaunch(kernel)
+    for _ in range(2):
+        fast[lambda meta: (1,)](x, x, 64, 1.0, BLOCK=16, EVEN=True)
+    assert _kinds(kernel) == ["triton", "triton"]
+    monkeypatch.setattr(launch, "_DIRECT", False)  # Triton < 3.4: no knobs, another launcher call
+    old = _Kernel()
+    fast = FastLaunch(old)
+    for _ in range(2):
+        fast[(1,)](x, x, 64, 1.0, BLOCK=16, EVEN=True)
+    assert _kinds(old) == ["triton", "triton"]
+
+
 def test_a_positional_constexpr_is_left_to_triton(fake_cuda):
     kernel = _Kernel()
     fast = FastLaunch(kernel)

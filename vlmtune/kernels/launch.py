@@ -26,7 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from triton import knobs
+import triton
+from packaging.version import Version
+
+# Triton 3.4-3.8 (their jit.py, read) launch through `CompiledKernel.run(grid, stream, function, metadata, hooks,
+# *every bound argument)` and keep their launch hooks in `triton.knobs`. Earlier releases have no knobs: they
+# always take Triton's own path.
+_DIRECT = Version(triton.__version__).release >= (3, 4)
+if _DIRECT:
+    from triton import knobs
 
 _INT32 = (-(2**31), 2**31 - 1)
 
@@ -59,7 +67,7 @@ class FastLaunch:
     def __init__(self, kernel: Any):
         self.kernel = kernel
         # The interpreter's functions (TRITON_INTERPRET=1) have no params: they always take Triton's path.
-        params = getattr(kernel, "params", None)
+        params = getattr(kernel, "params", None) if _DIRECT else None
         self._constexpr = None if params is None else [p.is_constexpr for p in params]
         self._names = None if params is None else [p.name for p in params]
         # key -> (launcher, CUfunction, packed metadata, the parameters that come by keyword, in order)
@@ -85,8 +93,8 @@ class FastLaunch:
         return torch.cuda.current_device(), tuple(specs), options
 
     def launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
-        """Launch on ``grid`` (1 to 3 ints) on the current CUDA stream."""
-        key = None if _hooks_installed() else self._key(args, meta)
+        """Launch on ``grid`` (1 to 3 ints; a callable grid takes Triton's path) on the current CUDA stream."""
+        key = None if self._constexpr is None or callable(grid) or _hooks_installed() else self._key(args, meta)
         entry = None if key is None else self._compiled.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **meta)
