@@ -52,7 +52,7 @@ def _spec(value: Any) -> Any:
 
 def _hooks_installed() -> bool:
     hook = knobs.runtime.launch_enter_hook
-    # Triton 3.5+ keeps a HookChain (empty by default); earlier versions keep None or one callable.
+    # Triton 3.5+ keeps a HookChain (empty by default); 3.4 keeps None or one callable.
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
@@ -87,9 +87,8 @@ class FastLaunch:
         if any(name not in meta for name in rest):
             return None
         for name, const in zip(rest, constexpr[len(args) :], strict=True):
-            if not const:
-                specs.append(_spec(meta[name]))
-        options = tuple((k, v if not isinstance(v, torch.Tensor) else _spec(v)) for k, v in meta.items())
+            specs.append(meta[name] if const else _spec(meta[name]))
+        options = tuple((k, v) for k, v in meta.items() if k not in rest)  # num_warps, enable_fp_fusion ...
         return torch.cuda.current_device(), tuple(specs), options
 
     def launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
