@@ -7,7 +7,7 @@ import torch
 import vlmtune
 from vlmtune.data.collator import Collator
 from vlmtune.loading import compute_dtype
-from vlmtune.testing import collate, noise, single
+from vlmtune.testing import collate, init_lora_b, noise, single
 from vlmtune.tiny import BUILDERS
 from vlmtune.train import TrainConfig, make_optimizer
 
@@ -66,15 +66,6 @@ def test_nf4_quantises_the_language_linears_and_keeps_the_rest_in_the_compute_dt
         assert param.dtype == expected, name
         dtypes[expected] = dtypes.get(expected, 0) + 1
     assert dtypes.keys() == {torch.uint8, torch.float32, torch.bfloat16}
-
-
-def init_lora_b(model) -> None:
-    """PEFT starts lora_B at zero, which makes every lora_A gradient zero: give B values so each one moves."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0, 0.02, generator=generator)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,7 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import vlmtune
 from vlmtune.data.collator import Collator
-from vlmtune.testing import collate, noise, single
+from vlmtune.testing import collate, init_lora_b, noise, single
 from vlmtune.tiny import BUILDERS
 from vlmtune.train import TrainConfig, make_optimizer
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, original_name
@@ -41,15 +41,6 @@ def image_batch(collator) -> dict:
         (single("Read this.", r"\frac{1}{2}"), [noise((64, 48), 0)]),
         (single("And this one, please.", r"x^{2} + y"), [noise((48, 80), 1)]),
     )
-
-
-def init_lora_b(model) -> None:
-    """PEFT starts lora_B at zero, which makes every lora_A gradient zero: give B values so each one informs."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0, 0.02, generator=generator)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ batch = collate(collator, (single("Read it.", "x^{2}"), [noise((64, 32))]))
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -15,6 +16,27 @@ def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
     width, height = size
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def init_lora_b(model: torch.nn.Module, std: float = 0.02, seed_per_matrix: bool = False) -> None:
+    """Give every ``lora_B`` random values: PEFT starts them at zero, which leaves each ``lora_A`` gradient zero.
+
+    The values come from one generator seeded 0 walked in parameter order, or with ``seed_per_matrix`` from a
+    generator per matrix seeded by the length of its name (equal values in two models built alike, whatever
+    else they hold). Generators live on each parameter's device.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." not in name:
+                continue
+            if seed_per_matrix:
+                generator = torch.Generator(param.device).manual_seed(len(name))
+            else:
+                if param.device not in generators:
+                    generators[param.device] = torch.Generator(param.device).manual_seed(0)
+                generator = generators[param.device]
+            param.normal_(0.0, std, generator=generator)
 
 
 def turn(role: str, text: str, n_images: int = 0) -> dict:

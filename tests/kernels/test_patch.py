@@ -27,6 +27,7 @@ from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.kernels.patch import ALL_OPS, apply_kernels, kernels_available, kernels_run_on
+from vlmtune.testing import init_lora_b
 from vlmtune.train import use_kernels
 
 # Qwen's smallest images (2x2 merged patches per image) keep the interpreted steps short.
@@ -52,11 +53,7 @@ def _tuned(path, quant="none", **tuning):
     set_seed(0)  # the same LoRA init in every model built from the same arguments
     model, processor, adapter = vlmtune.load(path, quant=quant, dtype="float32")
     model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(**tuning))
-    # PEFT starts B at zero, which would leave A without gradient: give B values so every factor is checked.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator(param.device).manual_seed(len(name)))
+    init_lora_b(model, std=0.05, seed_per_matrix=True)  # every LoRA factor then gets a gradient to check
     return model.train(), processor, adapter
 
 

@@ -15,7 +15,7 @@ from vlmtune.data.collator import Collator
 from vlmtune.kernels import vision_attention
 from vlmtune.kernels.patch import apply_kernels
 from vlmtune.kernels.vision_attention import plan_sequences, varlen_attention
-from vlmtune.testing import collate, noise, single
+from vlmtune.testing import collate, init_lora_b, noise, single
 
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
@@ -103,10 +103,7 @@ def test_patched_vision_tower_matches_the_loop(qwen_family):
     set_seed(0)
     model, processor, adapter = vlmtune.load(qwen_family, dtype="float32")
     model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="lora", language="frozen"))
-    with torch.no_grad():  # PEFT starts B at zero: give it values so every LoRA factor gets a gradient
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator(param.device).manual_seed(len(name)))
+    init_lora_b(model, std=0.05, seed_per_matrix=True)  # every LoRA factor then gets a gradient
     model.train()
     collator = Collator(adapter, processor, model.config)
     # 112x84 px: 8x6 patches, 4x3 merged; Qwen2.5-VL's 56 px windows cut that into 2x2 and 2x1 windows, so the
