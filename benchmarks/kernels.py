@@ -27,13 +27,20 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path, where this file would shadow the `kernels`
+    # package that bitsandbytes probes for on import.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
@@ -46,10 +53,11 @@ from vlmtune.kernels.fused_linear_ce import (  # noqa: E402
 )
 from vlmtune.kernels.gated_mlp import geglu_tanh, geglu_tanh_reference, swiglu, swiglu_reference  # noqa: E402
 from vlmtune.kernels.lora_linear import lora_linear, lora_linear_reference  # noqa: E402
+from vlmtune.kernels.lora_mlp import LoraProjection, lora_gated_mlp, lora_gated_mlp_reference  # noqa: E402
 from vlmtune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from vlmtune.kernels.rope import apply_mrope, apply_mrope_reference, apply_rope, apply_rope_reference  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = HERE / "results"
 Step = Callable[[], None]
 
 
@@ -111,6 +119,36 @@ def _lora_nf4(t, in_f, out_f, rank, device, dtype):
     return _fwd_bwd(lora_linear, [x, a, b], *args), _fwd_bwd(lora_linear_reference, [x, a, b], *args)
 
 
+def _lora_mlp(t, hidden, inter, rank, kind, device, dtype):
+    """The gated MLP with LoRA on its three NF4 projections. ``kind`` "fused": :func:`lora_gated_mlp` against
+    the reference; "unfused": the same reference against the kernels one by one (three ``lora_linear`` and the
+    activation kernel), which is what the fusion saves."""
+    activation = "silu" if inter == 18944 else "gelu_tanh"
+    x = _leaf(t, hidden, device=device, dtype=dtype)
+    leaves, projections = [x], []
+    for out_f, in_f in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+        packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        a = _leaf(rank, in_f, device=device, dtype=dtype, scale=in_f**-0.5)
+        b = _leaf(out_f, rank, device=device, dtype=dtype, scale=0.01)
+        leaves += [a, b]
+        projections.append(LoraProjection(packed, state, a, b, 2.0))
+
+    def unfused(x, gate, up, down, activation):
+        act = swiglu if activation == "silu" else geglu_tanh
+
+        def project(inputs, p):
+            return lora_linear(inputs, p.weight, p.quant_state, None, p.lora_A, p.lora_B, p.scale)
+
+        return project(act(project(x, gate), project(x, up)), down)
+
+    kernel = lora_gated_mlp if kind == "fused" else unfused
+    return (
+        _fwd_bwd(kernel, leaves, x, *projections, activation),
+        _fwd_bwd(lora_gated_mlp_reference, leaves, x, *projections, activation),
+    )
+
+
 def _fused_ce(t, hidden, vocab, softcap, device, dtype):
     h = _leaf(t, hidden, device=device, dtype=dtype)
     w = _leaf(vocab, hidden, device=device, dtype=dtype, scale=hidden**-0.5, grad=False)  # frozen lm_head
@@ -135,6 +173,7 @@ def cases(smoke: bool) -> dict[str, Callable]:
             "swiglu": lambda d, dt: _gated(7, 96, "swiglu", d, dt),
             "geglu_tanh": lambda d, dt: _gated(7, 96, "geglu_tanh", d, dt),
             "lora_linear nf4": lambda d, dt: _lora_nf4(7, 64, 96, 4, d, dt),
+            "lora_gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "fused", d, dt),
             "fused_linear_ce": lambda d, dt: _fused_ce(7, 48, 100, None, d, dt),
             "fused_linear_ce softcap": lambda d, dt: _fused_ce(7, 48, 100, 30.0, d, dt),
         }
@@ -149,6 +188,10 @@ def cases(smoke: bool) -> dict[str, Callable]:
         "geglu_tanh 10240": lambda d, dt: _gated(t, 10240, "geglu_tanh", d, dt),
         "lora_linear nf4 3584->18944 r16": lambda d, dt: _lora_nf4(t, 3584, 18944, 16, d, dt),
         "lora_linear nf4 2560->10240 r16": lambda d, dt: _lora_nf4(t, 2560, 10240, 16, d, dt),
+        "lora_gated_mlp nf4 3584/18944 r16": lambda d, dt: _lora_mlp(t, 3584, 18944, 16, "fused", d, dt),
+        "lora_gated_mlp nf4 2560/10240 r16": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "fused", d, dt),
+        "unfused kernels nf4 3584/18944 r16": lambda d, dt: _lora_mlp(t, 3584, 18944, 16, "unfused", d, dt),
+        "unfused kernels nf4 2560/10240 r16": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "unfused", d, dt),
         "fused_linear_ce 3584 x 152064": lambda d, dt: _fused_ce(t, 3584, 152064, None, d, dt),
         "fused_linear_ce 2560 x 262208 cap": lambda d, dt: _fused_ce(t, 2560, 262208, 30.0, d, dt),
     }

@@ -12,6 +12,7 @@ single ops differ from Hugging Face's by a few fp32 ulps; through two layers and
 of 1e-6 of the largest gradient for entries that are nearly zero); after 5 Adam steps the losses to 1e-4.
 """
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -26,6 +27,7 @@ import vlmtune
 from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.spec import DataSpec, load_rows
+from vlmtune.kernels import lora_mlp
 from vlmtune.kernels.patch import ALL_OPS, apply_kernels, kernels_available, kernels_run_on
 from vlmtune.testing import init_lora_b
 from vlmtune.train import use_kernels
@@ -109,9 +111,24 @@ def _check_on_off_and_revert(model, batch):
     return patch
 
 
+def _count_fused_mlp_backwards(monkeypatch, kernel="gated_backward") -> list:
+    """Count the fused LoRA MLP's backward passes (one per MLP per step, recomputation or not), or with
+    ``kernel="gated_forward"`` its forwards."""
+    calls = []
+    real = getattr(lora_mlp, kernel)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mlp, kernel, counting)
+    return calls
+
+
 @pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
-def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows):
+def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows, monkeypatch):
     model, processor, adapter = _tuned(family_path, vision="lora", language="lora")
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
     patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
 
     n_layers = model.config.get_text_config().num_hidden_layers
@@ -119,6 +136,7 @@ def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows):
     norms_per_layer = {"rms": 2, "rms_gemma": 6}[adapter.norm_kind]
     assert len(patch.patched["rms_norm"]) == norms_per_layer * n_layers + 1
     assert len(patch.patched["rope"]) == len(patch.patched["mlp"]) == n_layers
+    assert len(fused_mlp) == n_layers  # LoRA on gate, up and down: each MLP ran as one Function
     lora_layers = [n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
     vision_lora = [n for n in lora_layers if adapter.tower_of(n) == "vision"]
     assert len(vision_lora) > 0 and len(lora_layers) == 7 * n_layers + len(vision_lora)
@@ -131,10 +149,40 @@ def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows):
     assert all(adapter.tower_of(n) == "language" for n in patched if n)
 
 
-def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows):
+def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows, monkeypatch):
     model, processor, adapter = _tuned(tiny_qwen, quant="nf4", vision="frozen", language="lora")
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
     patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
     assert len(patch.patched["lora_linear"]) == 14 and not patch.skipped
+    assert len(fused_mlp) == 2
+
+
+@pytest.mark.parametrize(
+    "ops, adapter_off", [(("mlp",), False), (("mlp", "lora_linear"), True), (("mlp", "lora_linear"), False)]
+)
+def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows, monkeypatch, ops, adapter_off):
+    """Without the lora_linear op, under ``disable_adapter()``, or with a hook on a projection, the MLP runs
+    its projections one by one (the activation kernel between them) and gives the same numbers."""
+    model, processor, adapter = _tuned(tiny_qwen, vision="frozen", language="lora")
+    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
+    fused_forwards = _count_fused_mlp_backwards(monkeypatch, "gated_forward")
+    hooked = model.get_base_model().model.language_model.layers[0].mlp.up_proj
+    handle = hooked.register_forward_hook(lambda module, args, out: None)
+    # With the adapter off nothing trains: losses only.
+    run = (lambda: (model(**batch), None)) if adapter_off else (lambda: _loss_and_grads(model, batch))
+    with model.disable_adapter() if adapter_off else contextlib.nullcontext():
+        plain, plain_grads = run()
+        patch = apply_kernels(model, adapter, ops)
+        patched, patched_grads = run()
+        patch.revert()
+    handle.remove()
+    # Fused in the second layer only when LoRA is on and the lora_linear op patched the projections.
+    fused = not adapter_off and "lora_linear" in ops
+    assert len(fused_mlp) == (1 if fused else 0) and (len(fused_forwards) > 0) == fused
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    if not adapter_off:
+        _assert_same_grads(patched_grads, plain_grads)
 
 
 def test_lm_head_in_modules_to_save_trains_through_the_fused_loss(tiny_qwen, latex_rows):

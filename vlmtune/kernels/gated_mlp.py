@@ -74,12 +74,15 @@ def _gated_bwd_kernel(
     up_ptr,
     dgate_ptr,
     dup_ptr,
+    y_ptr,
     n,
     ACTIVATION: tl.constexpr,
+    STORE_Y: tl.constexpr,
     SQRT_2_OVER_PI: tl.constexpr,
     KAPPA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # dgate_ptr may be dy_ptr: each element is read before it is written, by the same program.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,9 +93,13 @@ def _gated_bwd_kernel(
     d_act_out = (dy * u).to(gate_ptr.dtype.element_ty).to(tl.float32)
     tl.store(dgate_ptr + offs, (d_act_out * d_act).to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + offs, (dy * act).to(dup_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        # The forward's output again, for a caller that did not keep it (the fused LoRA MLP's down_proj).
+        tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_fwd(gate, up, activation):
+def gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Launch the forward on contiguous ``gate`` and ``up``; no autograd (see :func:`swiglu` for that)."""
     y = torch.empty_like(gate, dtype=torch.promote_types(gate.dtype, up.dtype))
     n = gate.numel()
     if n:
@@ -110,34 +117,53 @@ def _launch_fwd(gate, up, activation):
     return y
 
 
+def gated_backward(
+    dy: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: str,
+    dgate: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` from contiguous ``dy``, ``gate``, ``up``; no autograd.
+
+    ``dgate`` is where to write it (``dy`` itself is allowed: the kernel reads each element before writing
+    it); a new tensor when None. ``y``, when given, receives the forward's output recomputed on the way.
+    """
+    dgate = torch.empty_like(gate) if dgate is None else dgate
+    dup = torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            dy,
+            gate,
+            up,
+            dgate,
+            dup,
+            dy if y is None else y,
+            n,
+            ACTIVATION=_ACTIVATIONS[activation],
+            STORE_Y=y is not None,
+            SQRT_2_OVER_PI=_SQRT_2_OVER_PI,
+            KAPPA=_KAPPA,
+            BLOCK=_BLOCK,
+            num_warps=4,
+        )
+    return dgate, dup
+
+
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
-        return _launch_fwd(gate, up, activation)
+        return gated_forward(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                dy,
-                gate,
-                up,
-                dgate,
-                dup,
-                n,
-                ACTIVATION=_ACTIVATIONS[ctx.activation],
-                SQRT_2_OVER_PI=_SQRT_2_OVER_PI,
-                KAPPA=_KAPPA,
-                BLOCK=_BLOCK,
-                num_warps=4,
-            )
+        dgate, dup = gated_backward(dy.contiguous(), gate, up, ctx.activation)
         return dgate, dup, None
 
 

@@ -161,7 +161,10 @@ def _dequantize_to_buffer(weight: torch.Tensor, quant_state) -> torch.Tensor:
     return _dequantize_into(weight, quant_state, buffer)
 
 
-def _base_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+def frozen_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight in ``dtype`` for one GEMM: an NF4 weight is dequantised into the shared buffer of
+    its shape, so the result is valid until the next dequantisation of that shape is queued (see the module
+    docstring); a dense weight is returned as is, or cast."""
     w = weight if quant_state is None else _dequantize_to_buffer(weight, quant_state)
     # bitsandbytes' matmul_4bit casts the dequantised weight to the activation dtype the same way.
     return w if w.dtype == dtype else w.to(dtype)
@@ -172,7 +175,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale):
         x2d = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        w = _base_weight(weight, quant_state, x.dtype)
+        w = frozen_weight(weight, quant_state, x.dtype)
         y = x2d @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2d, w.t())
         xa = x2d @ a.t()
         y.addmm_(xa, b.t(), alpha=scale)
@@ -197,7 +200,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             if needs_a:
                 da = torch.addmm(a, dy_b.t(), x2d, beta=0, alpha=scale).to(a_dtype)
             if needs_x:
-                w = _base_weight(weight, ctx.quant_state, dy2d.dtype)
+                w = frozen_weight(weight, ctx.quant_state, dy2d.dtype)
                 dx = (dy2d @ w).addmm_(dy_b, a, alpha=scale)
                 dx = dx.reshape(ctx.x_shape)
         if needs_b:

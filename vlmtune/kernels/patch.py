@@ -16,7 +16,8 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 
 - ``rms_norm``: every ``*RMSNorm`` with a ``weight`` (Gemma-3's ``q_norm`` / ``k_norm`` included).
 - ``rope``: the attention modules' call of their modeling module's ``apply_rotary_pos_emb``.
-- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel.
+- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel; when ``lora_linear`` patched
+  all three projections, the whole MLP runs as one autograd Function (:mod:`vlmtune.kernels.lora_mlp`).
 - ``lora_linear``: PEFT LoRA linears (any tower) over an ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit`` base, with one
   active adapter and no dropout, DoRA or other variant (the rest keep PEFT's path, listed in ``skipped``).
 - ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
@@ -62,6 +63,8 @@ _MLP_STYLES = {
 # attention gets plain (B, T, D) cos/sin and calls the same apply_rotary_pos_emb as Gemma-3.
 _ROPE_STYLES = {"standard": "apply_rope", "mrope": "apply_rope"}
 _ROPE_FUNCTION = "apply_rotary_pos_emb"
+# gated_mlp kernel name -> the activation's name in vlmtune.kernels.lora_mlp.
+_FUSED_ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh"}
 # Top-level classes whose forward soft-caps the final logits with config.final_logit_softcapping. The
 # *ForConditionalGeneration classes of the supported families never do (transformers 5.17 and 5.23; only
 # Gemma3ForCausalLM does), so the fused loss applies the cap exactly where the plain forward does.
@@ -234,9 +237,23 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 # --- mlp --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _MlpData:
+    gated: Callable  # the activation kernel, for the unfused path
+    activation: str  # its name in vlmtune.kernels.lora_mlp
+    fused: Callable  # lora_gated_mlp
+    projection: type  # its LoraProjection
+
+
 def _patch_mlp(base, language, adapter, patch) -> None:
     kernel_name, activation = _style(_MLP_STYLES, adapter.mlp_kind, "mlp_kind", adapter)
     probe = torch.linspace(-6.0, 6.0, 49)
+    data = _MlpData(
+        gated=_kernel("gated_mlp", kernel_name),
+        activation=_FUSED_ACTIVATIONS[kernel_name],
+        fused=_kernel("lora_mlp", "lora_gated_mlp"),
+        projection=_kernel("lora_mlp", "LoraProjection"),
+    )
     for name, module in language:
         if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             continue
@@ -245,13 +262,19 @@ def _patch_mlp(base, language, adapter, patch) -> None:
         if not torch.allclose(act(probe), activation(probe), rtol=1e-5, atol=1e-6):
             logger.warning("%s: act_fn %s is not %s; its MLP keeps its own forward", name, act, kernel_name)
             continue
-        _swap_forward(module, _mlp_forward, patch, _kernel("gated_mlp", kernel_name))
+        _swap_forward(module, _mlp_forward, patch, data)
         patch.patched["mlp"].append(name)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gated = getattr(self, _STATE).data
-    return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
+    data = getattr(self, _STATE).data
+    # With the lora_linear op on all three projections, the whole MLP is one autograd node.
+    calls = [_lora_call(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
+    if all(c is not None and c.bias is None for c in calls) and len({c.dtype for c in calls}) == 1:
+        projections = [data.projection(c.weight, c.quant_state, c.lora_A, c.lora_B, c.scale) for c in calls]
+        out = data.fused(x.to(calls[0].dtype), *projections, data.activation)
+        return out.to(x.dtype) if calls[0].quantized else out
+    return self.down_proj(data.gated(self.gate_proj(x), self.up_proj(x)))
 
 
 # --- rope -------------------------------------------------------------------------------------------------
@@ -377,28 +400,57 @@ def _lora_eligibility(module) -> tuple[str | None, str, bool]:
     return None, name, quantized
 
 
-def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    swapped = getattr(self, _STATE)
+class _LoraCall(typing.NamedTuple):
+    """What the lora_linear kernel is called with for one patched LoRA layer, in its compute ``dtype``."""
+
+    weight: torch.Tensor
+    quant_state: Any
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    dtype: torch.dtype
+    quantized: bool
+
+
+def _lora_call(module: torch.nn.Module, x: torch.Tensor) -> _LoraCall | None:
+    """The kernel's inputs for a LoRA layer that :func:`_patch_lora_linear` patched, or None where its own
+    forward must run: not patched, switched by PEFT since (``disable_adapter()``, ``set_adapter``, merge), or
+    with hooks that a call of the kernel would skip."""
+    swapped = module.__dict__.get(_STATE)
+    if swapped is None or not isinstance(swapped.data, _LoraData):
+        return None
     data = swapped.data
-    # What PEFT may switch after patching (disable_adapter(), set_adapter, merge) sends the call back to it.
-    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [data.adapter]:
-        return swapped.inner(x, *args, **kwargs)
-    layer = self.get_base_layer()
+    if module.disable_adapters or module.merged or list(module.active_adapters) != [data.adapter]:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    layer = module.get_base_layer()
     quant_state = None
     if data.quantized:
         quant_state = layer.weight.quant_state
         # bitsandbytes repacks a weight for its own CPU GEMM at the first eval-mode call on some CPUs; that
         # layout is not NF4's, so such a layer stays on bitsandbytes' path.
         if getattr(quant_state, "packing_format_for_cpu", False):
-            return swapped.inner(x)
+            return None
         # bitsandbytes runs in its compute dtype and returns the input's dtype.
-        compute_dtype = layer.compute_dtype or x.dtype
+        dtype = layer.compute_dtype or x.dtype
     else:
-        compute_dtype = layer.weight.dtype
-    a, b = self.lora_A[data.adapter].weight, self.lora_B[data.adapter].weight
-    scale = self.scaling[data.adapter]
-    out = data.kernel(x.to(compute_dtype), layer.weight, quant_state, layer.bias, a, b, scale)
-    return out.to(x.dtype) if data.quantized else out
+        dtype = layer.weight.dtype
+    a, b = module.lora_A[data.adapter].weight, module.lora_B[data.adapter].weight
+    scale = module.scaling[data.adapter]
+    return _LoraCall(layer.weight, quant_state, layer.bias, a, b, scale, dtype, data.quantized)
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    swapped = getattr(self, _STATE)
+    call = None if args or kwargs else _lora_call(self, x)
+    if call is None:
+        return swapped.inner(x, *args, **kwargs)
+    out = swapped.data.kernel(
+        x.to(call.dtype), call.weight, call.quant_state, call.bias, call.lora_A, call.lora_B, call.scale
+    )
+    return out.to(x.dtype) if call.quantized else out
 
 
 # --- cross_entropy ----------------------------------------------------------------------------------------
