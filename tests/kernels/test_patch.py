@@ -33,7 +33,7 @@ from vlmtune.testing import init_lora_b
 from vlmtune.train import use_kernels
 
 # Qwen's smallest images (2x2 merged patches per image) keep the interpreted steps short.
-IMAGE_OPTIONS = {"qwen2_5_vl": {"max_pixels": 56 * 56}, "gemma3": {}}
+IMAGE_OPTIONS = {"qwen2_5_vl": {"max_pixels": 56 * 56}, "gemma3": {}, "minicpmv": {}}
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 TRAIN_RTOL = 1e-4
@@ -89,7 +89,7 @@ def _instance_forwards(model) -> dict:
 def _check_on_off_and_revert(model, batch):
     """Plain, patched, reverted: patched ≈ plain, reverted == plain bit for bit, forwards restored."""
     forwards = _instance_forwards(model)
-    modeling = sys.modules[type(model.get_base_model()).__module__]
+    modeling = sys.modules[type(model.get_base_model().get_decoder()).__module__]  # where attention finds RoPE
     rope_function = modeling.apply_rotary_pos_emb
     plain, plain_grads = _loss_and_grads(model, batch)
     patch = apply_kernels(model, vlmtune.detect(model.config))
@@ -183,6 +183,16 @@ def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows
     torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
     if not adapter_off:
         _assert_same_grads(patched_grads, plain_grads)
+
+
+def test_minicpmv_loss_is_fused_in_its_llm(tiny_minicpmv, latex_rows, monkeypatch):
+    """MiniCPM-V's forward hands the loss to its ``llm`` (a Qwen2ForCausalLM): that is where the fused loss goes."""
+    model, processor, adapter = _tuned(tiny_minicpmv, vision="frozen", language="lora")
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
+    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+    assert patch.patched["cross_entropy"] == ["llm"]
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert len(patch.patched["mlp"]) == len(fused_mlp) == n_layers
 
 
 def test_lm_head_in_modules_to_save_trains_through_the_fused_loss(tiny_qwen, latex_rows):

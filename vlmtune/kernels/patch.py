@@ -23,8 +23,9 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 - ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
   (:mod:`vlmtune.kernels.vision_attention`) instead of transformers' Python loop over ``cu_seqlens``; the
   adapter's ``vision_attention_kind`` says which families have it.
-- ``cross_entropy``: the top-level forward computes the loss from the final hidden states with the fused
-  linear cross-entropy, so the ``(tokens, vocab)`` logits never exist; it returns ``logits=None``.
+- ``cross_entropy``: the top-level forward (MiniCPM-V: its ``llm``'s) computes the loss from the final hidden
+  states with the fused linear cross-entropy, so the ``(tokens, vocab)`` logits never exist; it returns
+  ``logits=None``.
   Without ``labels``, or with ``return_logits=True``, it is the original forward.
 """
 
@@ -180,11 +181,12 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 def _swap_forward(module: torch.nn.Module, forward: Callable, patch: KernelPatch, data: Any = None) -> None:
     """Bind ``forward`` as ``module``'s instance forward; register its exact undo on ``patch``.
 
-    Only leaf-ish modules (norms, MLPs, attention, LoRA linears) and the top-level model are swapped, never a
-    decoder layer: transformers 5.23 checkpoints a layer by wrapping its class ``forward``
-    (``GradientCheckpointingLayer.__init_subclass__``) where 5.17 wraps ``__call__``, so an instance forward on a
-    layer would skip checkpointing in one version and not the other. The modules swapped here are called
-    through ``__call__`` from inside the layer in both, during the forward and the recomputation alike.
+    Only leaf-ish modules (norms, MLPs, attention, LoRA linears) and causal-LM models (the top-level one, or
+    MiniCPM-V's ``llm``) are swapped, never a decoder layer: transformers 5.23 checkpoints a layer by wrapping
+    its class ``forward`` (``GradientCheckpointingLayer.__init_subclass__``) where 5.17 wraps ``__call__``, so an
+    instance forward on a layer would skip checkpointing in one version and not the other. The modules swapped
+    here are called through ``__call__`` from inside the layer in both, during the forward and the recomputation
+    alike.
     """
     saved = module.__dict__.get("forward", _MISSING)
     setattr(module, _STATE, _Swapped(inner=module.forward, data=data))
@@ -466,21 +468,39 @@ class _LossData:
     positional: tuple[str, ...]  # forward's parameter names, to name positional arguments
 
 
+def _loss_module(base: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The causal-LM module whose forward applies the output embeddings and computes the loss: the model
+    itself for transformers' VLMs, the ``llm`` it delegates to for MiniCPM-V's layout."""
+    from transformers import PreTrainedModel
+
+    head = base.get_output_embeddings()
+    if head is None:
+        return None
+    for name, module in base.named_modules():
+        owns_head = any(child is head for child in module.children())
+        if owns_head and isinstance(module, PreTrainedModel):
+            inner = getattr(module, module.base_model_prefix, None)
+            return (name, module) if isinstance(inner, torch.nn.Module) else None
+    return None
+
+
 def _patch_cross_entropy(base, language, adapter, patch) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    inner = getattr(base, base.base_model_prefix, None)
-    if base.get_output_embeddings() is None or not isinstance(inner, torch.nn.Module):
+    found = _loss_module(base)
+    if found is None:
         return
+    name, target = found
+    inner = getattr(target, target.base_model_prefix)
     softcap = None
-    if type(base).__name__ in _SOFTCAPPED_HEADS:
-        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-    original = type(base).forward
+    if type(target).__name__ in _SOFTCAPPED_HEADS:
+        softcap = getattr(target.config.get_text_config(), "final_logit_softcapping", None)
+    original = type(target).forward
     params = list(inspect.signature(original).parameters.values())[1:]  # without self
     positional = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
     data = _LossData(
         kernel=_kernel("fused_linear_ce", "fused_linear_cross_entropy"),
-        inner=base.base_model_prefix,
+        inner=target.base_model_prefix,
         inner_takes_labels="labels" in inspect.signature(inner.forward).parameters,
         softcap=softcap,
         output_class=_output_class(original, CausalLMOutputWithPast),
@@ -494,8 +514,8 @@ def _patch_cross_entropy(base, language, adapter, patch) -> None:
     def forward(self, *args, **kwargs):
         return _fused_loss_forward(self, *args, **kwargs)
 
-    _swap_forward(base, forward, patch, data)
-    patch.patched["cross_entropy"].append("")
+    _swap_forward(target, forward, patch, data)
+    patch.patched["cross_entropy"].append(name)
 
 
 def _output_class(forward: Callable, default: type) -> type:
