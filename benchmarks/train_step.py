@@ -198,7 +198,7 @@ def benchmark(args) -> list[dict[str, Any]]:
 
     started = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    _log.append(Path(args.out) / f"{args.model}_{args.shape}.log")
+    _log[:] = [Path(args.out) / f"{args.model}_{args.shape}.log"]
     say(f"$ {' '.join(['python', 'benchmarks/train_step.py', *sys.argv[1:]])}")
     prepared = prepare(args, args.batch)
     say(f"prepared {args.model} on {prepared['device_name']} in {prepared['wall_s']:.0f} s")
@@ -282,7 +282,14 @@ def largest_batch(probe: Callable[[int, float], float | None], limits: list[floa
 
 
 def max_batch(args) -> dict[str, dict[str, int]]:
-    """Largest fixed-shape batch that trains two steps within each memory limit (see :func:`largest_batch`)."""
+    """Largest fixed-shape batch that trains two steps within each memory limit (see :func:`largest_batch`).
+
+    Every probe is logged to ``<out>/<model>_<shape>_maxbatch.log`` as it finishes, so a search cut short
+    (each probe reloads the model) still leaves what it found; the JSON is written at the end.
+    """
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _log[:] = [Path(args.out) / f"{args.model}_{args.shape}_maxbatch.log"]
+    say(f"$ {' '.join(['python', 'benchmarks/train_step.py', *sys.argv[1:]])}")
     found: dict[str, dict[str, int]] = {}
     for name in args.configs:
         found[name] = largest_batch(

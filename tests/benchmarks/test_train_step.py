@@ -417,3 +417,40 @@ def test_largest_batch_recovers_when_memory_is_not_linear(monkeypatch):
 
     want = max(b for b in range(1, 129) if probe(b, 24) is not None)
     assert module.largest_batch(probe, [24], start=8, cap=128) == {"24GiB": want}
+
+
+def test_max_batch_logs_each_probe_as_it_finishes(monkeypatch, tmp_path):
+    """A search cut short (each probe reloads the model) must leave its probes behind, not only a final JSON."""
+    module = _load_script(monkeypatch)
+    prepared = {"device_name": "Fake GPU", "data": {"batches": 1}, "wall_s": 0.0}
+    batches = []  # what each probe prepared: its run_config call below trains that batch
+
+    def run_config(args, name, prepared, profile, warmup, steps, memory_limit_gib):
+        peak = 4.0 + 0.5 * batches[-1]
+        return {"status": "ok", "peak_reserved_gib": peak} if peak <= memory_limit_gib else {"status": "oom"}
+
+    monkeypatch.setattr(module, "prepare", lambda args, batch: batches.append(batch) or prepared)
+    monkeypatch.setattr(module, "run_config", run_config)
+    args = module.parse_args(
+        [
+            "--model",
+            "qwen2_5_vl-3b",
+            "--max-batch",
+            "--max-batch-limits",
+            "24",
+            "--configs",
+            "vlmtune_qlora",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert module.max_batch(args) == {"vlmtune_qlora": {"24GiB": 40}}
+    log = (tmp_path / "qwen2_5_vl-3b_fixed_maxbatch.log").read_text().splitlines()
+    probes = [line for line in log if line.startswith("vlmtune_qlora batch")]
+    assert probes[0] == "vlmtune_qlora batch 8 in 24.0 GiB: ok (peak reserved 8.0 GiB)"
+    assert "vlmtune_qlora batch 41 in 24.0 GiB: oom (peak reserved None GiB)" in probes
+    assert log[-1] == "vlmtune_qlora: largest batch {'24GiB': 40}"
+    saved = json.loads((tmp_path / "qwen2_5_vl-3b_fixed_fake_gpu_maxbatch.json").read_text())
+    assert saved["max_batch"] == {"vlmtune_qlora": {"24GiB": 40}}
