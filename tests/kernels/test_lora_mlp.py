@@ -109,14 +109,19 @@ def test_fp32_adapters_over_bf16_keep_fp32_gradients(device):
     _compare(x, projections, "silu", dy, torch.bfloat16)
 
 
-def test_no_grad_for_x_when_it_does_not_ask(device):
+def test_only_the_inputs_that_ask_get_gradients(device):
+    """x frozen (the first layer's input) and only the A matrices trainable: their gradients match the reference's,
+    nothing else gets one."""
     x, dy = _inputs(5, 48, torch.float32, device)
-    projections = [
-        p._replace(lora_A=p.lora_A.requires_grad_(True)) for p in _projections(48, 96, 4, x.dtype, device, False)
-    ]
-    y = lora_gated_mlp(x, *projections, "gelu_tanh")
-    y.backward(dy)
-    assert x.grad is None and all(p.lora_A.grad is not None for p in projections)
+    grads = []
+    for fn in (lora_gated_mlp, lora_gated_mlp_reference):
+        projections = _projections(48, 96, 4, x.dtype, device, nf4=False)
+        projections = [p._replace(lora_A=p.lora_A.requires_grad_(True)) for p in projections]
+        fn(x, *projections, "gelu_tanh").backward(dy)
+        assert x.grad is None and all(p.lora_B.grad is None for p in projections)
+        grads.append([p.lora_A.grad for p in projections])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=FP32_TOLERANCE[0], rtol=FP32_TOLERANCE[1])
 
 
 def test_backward_recomputes_the_forward_output_and_writes_dgate_in_place(device):

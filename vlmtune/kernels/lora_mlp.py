@@ -86,26 +86,31 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
         x2d, gate, up, xa_g, xa_u, xa_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
         (wg, qg), (wu, qu), (wd, qd) = ctx.bases
         sg, su, sd = ctx.scales
+        needs = ctx.needs_input_grad[1:7]  # A and B of gate, up, down
         dout = dout.reshape(-1, dout.shape[-1])
         dtype = dout.dtype
-        # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its LoRA gradients need h = act(gate) * up, which the
+
+        def lora_grad(i, like, left, right, scale):
+            # The scale rides in the GEMM's alpha; beta=0 only borrows `like`'s shape.
+            if not needs[i]:
+                return None
+            return torch.addmm(like, left, right, beta=0, alpha=scale).to(ctx.lora_dtypes[i])
+
+        # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its A's gradient needs h = act(gate) * up, which the
         # activation's backward recomputes below instead of the forward keeping it.
         dyb_d = dout @ bd
         dh = (dout @ frozen_weight(wd, qd, dtype)).addmm_(dyb_d, ad, alpha=sd)
-        db_d = torch.addmm(bd, dout.t(), xa_d, beta=0, alpha=sd)
-        h = torch.empty_like(gate)
+        h = torch.empty_like(gate) if needs[4] else None
         dgate, dup = gated_backward(dh, gate, up, ctx.activation, dgate=dh, y=h)
-        da_d = torch.addmm(ad, dyb_d.t(), h, beta=0, alpha=sd)
+        grads = [None, None, None, None, lora_grad(4, ad, dyb_d.t(), h, sd), lora_grad(5, bd, dout.t(), xa_d, sd)]
         del h
         # gate and up: both base GEMMs and both LoRA terms accumulate into one dx.
         dyb_g, dyb_u = dgate @ bg, dup @ bu
-        grads = [
-            torch.addmm(ag, dyb_g.t(), x2d, beta=0, alpha=sg),
-            torch.addmm(bg, dgate.t(), xa_g, beta=0, alpha=sg),
-            torch.addmm(au, dyb_u.t(), x2d, beta=0, alpha=su),
-            torch.addmm(bu, dup.t(), xa_u, beta=0, alpha=su),
-            da_d,
-            db_d,
+        grads[:4] = [
+            lora_grad(0, ag, dyb_g.t(), x2d, sg),
+            lora_grad(1, bg, dgate.t(), xa_g, sg),
+            lora_grad(2, au, dyb_u.t(), x2d, su),
+            lora_grad(3, bu, dup.t(), xa_u, su),
         ]
         dx = None
         if ctx.needs_input_grad[0]:
@@ -113,7 +118,6 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
             dx.addmm_(dup, frozen_weight(wu, qu, dtype))
             dx.addmm_(dyb_g, ag, alpha=sg).addmm_(dyb_u, au, alpha=su)
             dx = dx.reshape(ctx.x_shape)
-        grads = [g.to(d) for g, d in zip(grads, ctx.lora_dtypes, strict=True)]
         return dx, *grads, None, None, None
 
 
