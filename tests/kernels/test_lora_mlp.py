@@ -10,11 +10,12 @@ FP32_TOLERANCE = (2e-5, 2e-4)
 # Half precision: three LoRA linears and an activation in a row round at different places (the fused path
 # accumulates LoRA terms and dx's gate and up terms in GEMM epilogues; the reference rounds each term and adds),
 # so a value that cancels can differ by more than an elementwise tolerance allows. Both are compared with the
-# reference computed in fp32 from the same inputs instead: the fused error may be at most twice the reference's
-# own (what rounding in the input dtype costs) times the ratio below, plus a floor for outputs the reference gets
-# exactly. Seen on the CPU: up to 2.0x in fp16 and 2.7x in bf16, where Triton's interpreter rounds fp32 -> bf16
-# toward zero (CUDA rounds to nearest), a bias that adds up over the down projection's sum.
-HALF_ERROR_RATIO = {torch.float16: 2.5, torch.bfloat16: 3.0}
+# reference computed in fp32 from the same inputs instead: the fused error may be at most the reference's own
+# (what rounding in the input dtype costs) times the ratio below, plus a floor for outputs the reference gets
+# exactly. Seen on the CPU: up to 2.0x in fp16 and 3.2x in bf16, where Triton's interpreter rounds fp32 -> bf16
+# toward zero (CUDA rounds to nearest) in the activation and in the NF4 dequantiser (bit-exact on CUDA), a bias
+# that adds up over the projections' sums; the bf16 ratio of 3.0 passed on the H100 at real sizes.
+HALF_ERROR_RATIO = {torch.float16: 2.5, torch.bfloat16: 3.0 if torch.cuda.is_available() else 4.0}
 HALF_ERROR_FLOOR = 1e-3
 ACTIVATIONS = ["silu", "gelu_tanh"]
 
@@ -34,34 +35,43 @@ def _projections(hidden, inter, rank, dtype, device, nf4, lora_dtype=None, seed=
     return projections
 
 
-def _run(fn, x, projections, activation, dy):
+def _run(fn, x, projections, activation, dy) -> dict[str, torch.Tensor]:
+    """Output and gradients by name: y, dx, and dA_/dB_ of each projection that has LoRA."""
     x = x.detach().clone().requires_grad_(True)
-    leaves = [x]
+    leaves = {"dx": x}
     fresh = []
-    for p in projections:
-        a, b = p.lora_A.detach().clone().requires_grad_(True), p.lora_B.detach().clone().requires_grad_(True)
-        leaves += [a, b]
-        fresh.append(p._replace(lora_A=a, lora_B=b))
+    for name, p in zip(("gate", "up", "down"), projections, strict=True):
+        if p.lora_A is not None:
+            p = p._replace(lora_A=p.lora_A.detach().clone().requires_grad_(True))
+            p = p._replace(lora_B=p.lora_B.detach().clone().requires_grad_(True))
+            leaves.update({f"dA_{name}": p.lora_A, f"dB_{name}": p.lora_B})
+        fresh.append(p)
     y = fn(x, *fresh, activation)
     y.backward(dy)
-    return [y] + [t.grad for t in leaves]
+    return {"y": y, **{name: t.grad for name, t in leaves.items()}}
+
+
+def _upcast(p: LoraProjection) -> LoraProjection:
+    """LoRA matrices and dense weights in fp32; NF4 weights dequantise to the same values in fp32."""
+    if p.lora_A is not None:
+        p = p._replace(lora_A=p.lora_A.float(), lora_B=p.lora_B.float())
+    return p if p.quant_state is not None else p._replace(weight=p.weight.float())
 
 
 def _compare(x, projections, activation, dy, dtype):
-    names = ("y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down")
     got = _run(lora_gated_mlp, x, projections, activation, dy)
     want = _run(lora_gated_mlp_reference, x, projections, activation, dy)
-    for name, a, b in zip(names, got, want, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
     if dtype == torch.float32:
-        for name, a, b in zip(names, got, want, strict=True):
-            torch.testing.assert_close(a, b, atol=FP32_TOLERANCE[0], rtol=FP32_TOLERANCE[1], msg=name)
+        for name in want:
+            tol = {"atol": FP32_TOLERANCE[0], "rtol": FP32_TOLERANCE[1]}
+            torch.testing.assert_close(got[name], want[name], **tol, msg=name)
         return
-    # LoRA matrices and dense weights upcast; NF4 weights dequantise to the same values in fp32.
-    wide = [p._replace(lora_A=p.lora_A.float(), lora_B=p.lora_B.float()) for p in projections]
-    wide = [p if p.quant_state is not None else p._replace(weight=p.weight.float()) for p in wide]
-    exact = _run(lora_gated_mlp_reference, x.float(), wide, activation, dy.float())
-    for name, a, b, e in zip(names, got, want, exact, strict=True):
+    exact = _run(lora_gated_mlp_reference, x.float(), [_upcast(p) for p in projections], activation, dy.float())
+    for name, e in exact.items():
+        a, b = got[name], want[name]
         fused_error = (a.float() - e).abs().max().item()
         reference_error = (b.float() - e).abs().max().item()
         floor = HALF_ERROR_FLOOR * e.abs().max().item()
@@ -104,9 +114,22 @@ def test_fp32_adapters_over_bf16_keep_fp32_gradients(device):
     x, dy = _inputs(5, 64, torch.bfloat16, device)
     projections = _projections(64, 128, 4, torch.bfloat16, device, nf4=True, lora_dtype=torch.float32)
     grads = _run(lora_gated_mlp, x, projections, "silu", dy)
-    assert grads[0].dtype == grads[1].dtype == torch.bfloat16
-    assert all(g.dtype == torch.float32 for g in grads[2:])
+    assert grads["y"].dtype == grads["dx"].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for name, g in grads.items() if name.startswith("d") and name != "dx")
     _compare(x, projections, "silu", dy, torch.bfloat16)
+
+
+@pytest.mark.parametrize("with_lora", [(True, False, False), (False, True, True), (False, False, False)])
+@pytest.mark.parametrize("nf4, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_projections_without_lora(device, with_lora, nf4, dtype):
+    """LoRA on the attention only, or a frozen language tower: some or none of the projections have LoRA."""
+    x, dy = _inputs(7, 64, dtype, device)
+    # Rows of NF4 weights a multiple of 64: bitsandbytes' CPU dequantiser disagrees with its own layout otherwise
+    # (see test_lora_linear.test_dequantize_nf4_rows_not_multiple_of_64).
+    projections = _projections(64, 128, 4, dtype, device, nf4=nf4)
+    pairs = zip(projections, with_lora, strict=True)
+    projections = [p if lora else LoraProjection(p.weight, p.quant_state) for p, lora in pairs]
+    _compare(x, projections, "gelu_tanh", dy, dtype)
 
 
 def test_only_the_inputs_that_ask_get_gradients(device):
@@ -147,6 +170,8 @@ def test_bad_shapes_and_trainable_base_raise(device):
         lora_gated_mlp(x, gate._replace(lora_A=gate.lora_A.t()), up, down, "silu")
     with pytest.raises(ValueError, match="frozen"):
         lora_gated_mlp(x, gate, up._replace(weight=up.weight.clone().requires_grad_(True)), down, "silu")
+    with pytest.raises(ValueError, match="up: give both LoRA matrices or neither"):
+        lora_gated_mlp(x, gate, up._replace(lora_B=None), down, "silu")
     with pytest.raises(ValueError, match="activation 'relu'"):
         lora_gated_mlp(x, gate, up, down, "relu")
 

@@ -185,6 +185,24 @@ def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows
         _assert_same_grads(patched_grads, plain_grads)
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_frozen_language_mlps_run_fused_and_pass_gradients_to_the_vision_lora(
+    tiny_qwen, latex_rows, monkeypatch, quant
+):
+    """Vision LoRA under a frozen language tower: its MLPs have no LoRA, yet backward must cross them."""
+    model, processor, adapter = _tuned(tiny_qwen, quant=quant, vision="lora", language="frozen")
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
+    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    plain, plain_grads = _loss_and_grads(model, batch)
+    patch = apply_kernels(model, adapter, ("mlp",))
+    patched, patched_grads = _loss_and_grads(model, batch)
+    patch.revert()
+    assert plain_grads and not any("language_model" in n for n in plain_grads)
+    assert len(fused_mlp) == model.config.get_text_config().num_hidden_layers
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    _assert_same_grads(patched_grads, plain_grads)
+
+
 def test_minicpmv_loss_is_fused_in_its_llm(tiny_minicpmv, latex_rows, monkeypatch):
     """MiniCPM-V's forward hands the loss to its ``llm`` (a Qwen2ForCausalLM): that is where the fused loss goes."""
     model, processor, adapter = _tuned(tiny_minicpmv, vision="frozen", language="lora")

@@ -1,7 +1,9 @@
-"""A gated MLP whose three projections are LoRA linears, in one autograd Function.
+"""A gated MLP whose three projections are LoRA linears (or frozen ones), in one autograd Function.
 
 ``down(act(gate(x)) * up(x))`` where each projection is ``x @ W^T + (x @ A^T) @ B^T * scale`` over a frozen
-dense or NF4 base (:mod:`vlmtune.kernels.lora_linear`) and ``act`` is SiLU or tanh-GELU
+dense or NF4 base (:mod:`vlmtune.kernels.lora_linear`), or ``x @ W^T`` alone for a projection without LoRA (LoRA
+on the attention only, or a frozen language tower that passes gradients back to a tuned vision tower), and
+``act`` is SiLU or tanh-GELU
 (:mod:`vlmtune.kernels.gated_mlp`). The arithmetic is that of the three LoRA linears and the activation
 kernel called one after another; what the single Function saves is:
 
@@ -14,8 +16,9 @@ kernel called one after another; what the single Function saves is:
 - a pass over ``dx``: the base GEMMs of ``gate`` and ``up`` accumulate into one ``dx`` (``addmm_``), where
   autograd would add two ``(tokens, hidden)`` tensors.
 
-Backward computes dX and the six LoRA gradients, never a base-weight gradient. Biases are not supported (the
-MLPs of the supported families have none); :mod:`vlmtune.kernels.patch` keeps those MLPs on the unfused path.
+Backward computes dX and the LoRA gradients autograd asks for, never a base-weight gradient. Biases are not
+supported (the MLPs of the supported families have none); :mod:`vlmtune.kernels.patch` keeps those MLPs on the
+unfused path.
 """
 
 from __future__ import annotations
@@ -39,33 +42,35 @@ class LoraProjection(NamedTuple):
     Attributes:
         weight: ``(out, in)`` frozen dense weight, or the packed NF4 ``Params4bit`` data.
         quant_state: the NF4 weight's bitsandbytes ``QuantState``; None for a dense weight.
-        lora_A: ``(r, in)``, PEFT's ``lora_A.weight``.
-        lora_B: ``(out, r)``, PEFT's ``lora_B.weight``.
-        scale: PEFT's ``scaling``.
+        lora_A: ``(r, in)``, PEFT's ``lora_A.weight``; None for a projection without LoRA.
+        lora_B: ``(out, r)``, PEFT's ``lora_B.weight``; None exactly when ``lora_A`` is.
+        scale: PEFT's ``scaling`` (unused without LoRA).
     """
 
     weight: torch.Tensor
     quant_state: object
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    scale: float
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scale: float = 0.0
+
+
+def _project(x2d, weight, quant_state, a, b, scale):
+    """``(x @ W^T + (x @ A^T) @ B^T * scale, x @ A^T)``; without LoRA ``(x @ W^T, None)``."""
+    y = x2d @ frozen_weight(weight, quant_state, x2d.dtype).t()
+    if a is None:
+        return y, None
+    xa = x2d @ a.t()
+    return y.addmm_(xa, b.t(), alpha=scale), xa
 
 
 def _forward(x2d, bases, loras, scales, activation):
     (wg, qg), (wu, qu), (wd, qd) = bases
     ag, bg, au, bu, ad, bd = loras
     sg, su, sd = scales
-    dtype = x2d.dtype
-    gate = x2d @ frozen_weight(wg, qg, dtype).t()
-    xa_g = x2d @ ag.t()
-    gate.addmm_(xa_g, bg.t(), alpha=sg)
-    up = x2d @ frozen_weight(wu, qu, dtype).t()
-    xa_u = x2d @ au.t()
-    up.addmm_(xa_u, bu.t(), alpha=su)
+    gate, xa_g = _project(x2d, wg, qg, ag, bg, sg)
+    up, xa_u = _project(x2d, wu, qu, au, bu, su)
     h = gated_forward(gate, up, activation)
-    xa_d = h @ ad.t()
-    out = h @ frozen_weight(wd, qd, dtype).t()
-    out.addmm_(xa_d, bd.t(), alpha=sd)
+    out, xa_d = _project(h, wd, qd, ad, bd, sd)
     return out, (gate, up, xa_g, xa_u, xa_d)
 
 
@@ -73,11 +78,11 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, activation):
         x2d = x.reshape(-1, x.shape[-1])
-        loras = [t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
+        loras = [None if t is None else t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
         out, saved = _forward(x2d, bases, loras, scales, activation)
         ctx.save_for_backward(x2d, *saved, *loras)
         ctx.bases, ctx.scales, ctx.activation = bases, scales, activation
-        ctx.lora_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
+        ctx.lora_dtypes = [None if t is None else t.dtype for t in (ag, bg, au, bu, ad, bd)]
         ctx.x_shape = x.shape
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -98,25 +103,35 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
 
         # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its A's gradient needs h = act(gate) * up, which the
         # activation's backward recomputes below instead of the forward keeping it.
-        dyb_d = dout @ bd
-        dh = (dout @ frozen_weight(wd, qd, dtype)).addmm_(dyb_d, ad, alpha=sd)
+        dh = dout @ frozen_weight(wd, qd, dtype)
+        dyb_d = None if bd is None else dout @ bd
+        if ad is not None:
+            dh.addmm_(dyb_d, ad, alpha=sd)
         h = torch.empty_like(gate) if needs[4] else None
         dgate, dup = gated_backward(dh, gate, up, ctx.activation, dgate=dh, y=h)
-        grads = [None, None, None, None, lora_grad(4, ad, dyb_d.t(), h, sd), lora_grad(5, bd, dout.t(), xa_d, sd)]
+        # needs[i] implies that LoRA matrix (and its partner) exists: None inputs never ask for a gradient.
+        grads = [None] * 4 + [
+            lora_grad(4, ad, dyb_d.t() if needs[4] else None, h, sd),
+            lora_grad(5, bd, dout.t(), xa_d, sd),
+        ]
         del h
         # gate and up: both base GEMMs and both LoRA terms accumulate into one dx.
-        dyb_g, dyb_u = dgate @ bg, dup @ bu
+        dyb_g = None if bg is None else dgate @ bg
+        dyb_u = None if bu is None else dup @ bu
         grads[:4] = [
-            lora_grad(0, ag, dyb_g.t(), x2d, sg),
+            lora_grad(0, ag, dyb_g.t() if needs[0] else None, x2d, sg),
             lora_grad(1, bg, dgate.t(), xa_g, sg),
-            lora_grad(2, au, dyb_u.t(), x2d, su),
+            lora_grad(2, au, dyb_u.t() if needs[2] else None, x2d, su),
             lora_grad(3, bu, dup.t(), xa_u, su),
         ]
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dgate @ frozen_weight(wg, qg, dtype)
             dx.addmm_(dup, frozen_weight(wu, qu, dtype))
-            dx.addmm_(dyb_g, ag, alpha=sg).addmm_(dyb_u, au, alpha=su)
+            if ag is not None:
+                dx.addmm_(dyb_g, ag, alpha=sg)
+            if au is not None:
+                dx.addmm_(dyb_u, au, alpha=su)
             dx = dx.reshape(ctx.x_shape)
         return dx, *grads, None, None, None
 
@@ -127,12 +142,15 @@ def _check(x: torch.Tensor, gate: LoraProjection, up: LoraProjection, down: Lora
         if p.weight.requires_grad:
             raise ValueError(f"{name}: the base weight must be frozen (requires_grad=False)")
         out_f, in_f = p.weight.shape if p.quant_state is None else p.quant_state.shape
-        r = p.lora_A.shape[0]
-        if p.lora_A.shape != (r, in_f) or p.lora_B.shape != (out_f, r):
-            raise ValueError(
-                f"{name}: LoRA shapes A {tuple(p.lora_A.shape)}, B {tuple(p.lora_B.shape)} do not fit a "
-                f"({out_f}, {in_f}) base weight"
-            )
+        if (p.lora_A is None) != (p.lora_B is None):
+            raise ValueError(f"{name}: give both LoRA matrices or neither")
+        if p.lora_A is not None:
+            r = p.lora_A.shape[0]
+            if p.lora_A.shape != (r, in_f) or p.lora_B.shape != (out_f, r):
+                raise ValueError(
+                    f"{name}: LoRA shapes A {tuple(p.lora_A.shape)}, B {tuple(p.lora_B.shape)} do not fit a "
+                    f"({out_f}, {in_f}) base weight"
+                )
         shapes.append((out_f, in_f))
     (inter_g, hidden_g), (inter_u, hidden_u), (hidden_d, inter_d) = shapes
     if not (x.shape[-1] == hidden_g == hidden_u == hidden_d and inter_g == inter_u == inter_d):
@@ -149,7 +167,7 @@ def lora_gated_mlp(
     down: LoraProjection,
     activation: str,
 ) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, in one autograd node.
+    """``down(act(gate(x)) * up(x))`` with LoRA on any of the three projections, in one autograd node.
 
     Args:
         x: ``(..., hidden)`` activations, in the dtype the projections compute in.
@@ -158,7 +176,7 @@ def lora_gated_mlp(
         activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (Gemma's GeGLU).
 
     Returns:
-        ``(..., hidden)`` in ``x.dtype``. Gradients flow to ``x`` and the six LoRA matrices.
+        ``(..., hidden)`` in ``x.dtype``. Gradients flow to ``x`` and the LoRA matrices.
     """
     if activation not in _REFERENCE_ACTIVATIONS:
         raise ValueError(f"activation {activation!r}; supported: {sorted(_REFERENCE_ACTIVATIONS)}")
@@ -177,8 +195,13 @@ def lora_gated_mlp_reference(
     activation: str,
 ) -> torch.Tensor:
     """The same with bitsandbytes' dequantisation, plain matmuls and torch's activation (PEFT's arithmetic)."""
+    # Imported here: only the reference needs it, and importing bitsandbytes is slow.
+    import bitsandbytes.functional as bnbf
 
     def project(inputs: torch.Tensor, p: LoraProjection) -> torch.Tensor:
+        if p.lora_A is None:
+            w = p.weight if p.quant_state is None else bnbf.dequantize_4bit(p.weight, p.quant_state)
+            return torch.nn.functional.linear(inputs, w.detach().to(inputs.dtype))
         return lora_linear_reference(inputs, p.weight, p.quant_state, None, p.lora_A, p.lora_B, p.scale)
 
     return project(_REFERENCE_ACTIVATIONS[activation](project(x, gate)) * project(x, up), down)

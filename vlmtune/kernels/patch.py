@@ -16,8 +16,9 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 
 - ``rms_norm``: every ``*RMSNorm`` with a ``weight`` (Gemma-3's ``q_norm`` / ``k_norm`` included).
 - ``rope``: the attention modules' call of their modeling module's ``apply_rotary_pos_emb``.
-- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel; when ``lora_linear`` patched
-  all three projections, the whole MLP runs as one autograd Function (:mod:`vlmtune.kernels.lora_mlp`).
+- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused SwiGLU / tanh-GeGLU kernel; when each projection is a
+  LoRA layer ``lora_linear`` patched or a frozen linear without LoRA, the whole MLP runs as one autograd Function
+  (:mod:`vlmtune.kernels.lora_mlp`).
 - ``lora_linear``: PEFT LoRA linears (any tower) over an ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit`` base, with one
   active adapter and no dropout, DoRA or other variant (the rest keep PEFT's path, listed in ``skipped``).
 - ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
@@ -270,13 +271,39 @@ def _patch_mlp(base, language, adapter, patch) -> None:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     data = getattr(self, _STATE).data
-    # With the lora_linear op on all three projections, the whole MLP is one autograd node.
-    calls = [_lora_call(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
-    if all(c is not None and c.bias is None for c in calls) and len({c.dtype for c in calls}) == 1:
+    # When each projection is a LoRA layer the lora_linear op patched, or a frozen linear without LoRA, the whole
+    # MLP is one autograd node.
+    calls = [_projection_call(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
+    if all(c is not None and c.bias is None for c in calls) and len({(c.dtype, c.quantized) for c in calls}) == 1:
         projections = [data.projection(c.weight, c.quant_state, c.lora_A, c.lora_B, c.scale) for c in calls]
         out = data.fused(x.to(calls[0].dtype), *projections, data.activation)
         return out.to(x.dtype) if calls[0].quantized else out
     return self.down_proj(data.gated(self.gate_proj(x), self.up_proj(x)))
+
+
+def _projection_call(module: torch.nn.Module, x: torch.Tensor) -> _LoraCall | None:
+    """A patched LoRA layer's kernel inputs (:func:`_lora_call`); for a frozen ``nn.Linear`` or NF4 ``Linear4bit``
+    without LoRA, the same with no LoRA matrices; None for anything else (its own forward then runs)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(module, BaseTunerLayer):
+        return _lora_call(module, x)
+    if module._forward_hooks or module._forward_pre_hooks or module.weight.requires_grad:
+        return None
+    if type(module) is torch.nn.Linear:
+        return _LoraCall(module.weight, None, module.bias, None, None, 0.0, module.weight.dtype, False)
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    # Imported only for bitsandbytes models: importing it is slow.
+    import bitsandbytes as bnb
+
+    quant_state = getattr(module.weight, "quant_state", None)
+    if not isinstance(module, bnb.nn.Linear4bit) or quant_state is None or quant_state.quant_type != "nf4":
+        return None
+    if getattr(quant_state, "packing_format_for_cpu", False):  # see _lora_call
+        return None
+    dtype = module.compute_dtype or x.dtype
+    return _LoraCall(module.weight, quant_state, module.bias, None, None, 0.0, dtype, True)
 
 
 # --- rope -------------------------------------------------------------------------------------------------
