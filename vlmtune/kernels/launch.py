@@ -15,6 +15,9 @@ and is at least as fine as Triton's own:
 - per float, nothing (Triton passes it as an fp32 value); None and bools by value;
 - every ``tl.constexpr`` and launch option by value, and the current device.
 
+Plain parameters come positionally and constexprs by keyword at every call site here; any other call shape takes
+Triton's path every time.
+
 A new key goes through Triton's own path once, which compiles if needed and launches; its result is kept
 only when it is a compiled kernel with a launcher. In ``TRITON_INTERPRET`` mode every call takes Triton's
 path. Launch hooks (profilers such as proton) disable the shortcut while installed, so they see every launch.
@@ -72,24 +75,32 @@ class FastLaunch:
         self._names = None if params is None else [p.name for p in params]
         # key -> (launcher, CUfunction, packed metadata, the parameters that come by keyword, in order)
         self._compiled: dict[tuple, tuple[Callable, Any, Any, list[str]]] = {}
+        # number of positional arguments -> the names that must then come by keyword, or None when such a call
+        # takes Triton's path (a constexpr passed positionally, a plain parameter by keyword, too many arguments)
+        self._layouts: dict[int, frozenset[str] | None] = {}
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
-    def _key(self, args: tuple, meta: dict[str, Any]) -> tuple | None:
+    def _layout(self, n_args: int) -> frozenset[str] | None:
         constexpr = self._constexpr
-        # A constexpr passed positionally, or too many arguments: let Triton bind (and complain).
-        if constexpr is None or len(args) > len(constexpr) or any(constexpr[: len(args)]):
+        if n_args > len(constexpr) or any(constexpr[:n_args]) or not all(constexpr[n_args:]):
             return None
-        specs = [_spec(value) for value in args]
-        # Every remaining parameter must come by keyword, as constexprs do at our call sites.
-        rest = self._names[len(args) :]
-        if any(name not in meta for name in rest):
+        return frozenset(self._names[n_args:])
+
+    def _key(self, args: tuple, meta: dict[str, Any]) -> tuple | None:
+        # Runs on every launch: kept to a few C-level operations per argument.
+        n_args = len(args)
+        if n_args not in self._layouts:
+            self._layouts[n_args] = self._layout(n_args)
+        by_keyword = self._layouts[n_args]
+        if by_keyword is None or not by_keyword <= meta.keys():
             return None
-        for name, const in zip(rest, constexpr[len(args) :], strict=True):
-            specs.append(meta[name] if const else _spec(meta[name]))
-        options = tuple((k, v) for k, v in meta.items() if k not in rest)  # num_warps, enable_fp_fusion ...
-        return torch.cuda.current_device(), tuple(specs), options
+        specs = tuple(
+            [(v.dtype, v.data_ptr() % 16 == 0) if type(v) is torch.Tensor else _spec(v) for v in args]  # noqa: E721
+        )
+        # Every constexpr and launch option by value (num_warps, enable_fp_fusion ...), in the call's order.
+        return torch.cuda.current_device(), specs, tuple(meta.items())
 
     def launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
         """Launch on ``grid`` (1 to 3 ints; a callable grid takes Triton's path) on the current CUDA stream."""
