@@ -203,6 +203,20 @@ def test_frozen_language_mlps_run_fused_and_pass_gradients_to_the_vision_lora(
     _assert_same_grads(patched_grads, plain_grads)
 
 
+def test_trained_full_mlps_keep_their_own_projections(tiny_qwen, latex_rows, monkeypatch):
+    """language="full" trains the MLP weights themselves: the fused node (no base-weight gradient) must not run."""
+    model, processor, adapter = _tuned(tiny_qwen, vision="lora", language="full")
+    fused_mlp = _count_fused_mlp_backwards(monkeypatch)
+    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    plain, plain_grads = _loss_and_grads(model, batch)
+    patch = apply_kernels(model, adapter, ("mlp", "lora_linear"))
+    patched, patched_grads = _loss_and_grads(model, batch)
+    patch.revert()
+    assert not fused_mlp and any("mlp.down_proj.weight" in n for n in plain_grads)
+    torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
+    _assert_same_grads(patched_grads, plain_grads)
+
+
 def test_minicpmv_loss_is_fused_in_its_llm(tiny_minicpmv, latex_rows, monkeypatch):
     """MiniCPM-V's forward hands the loss to its ``llm`` (a Qwen2ForCausalLM): that is where the fused loss goes."""
     model, processor, adapter = _tuned(tiny_minicpmv, vision="frozen", language="lora")

@@ -288,12 +288,13 @@ def _projection_call(module: torch.nn.Module, x: torch.Tensor) -> _LoraCall | No
 
     if isinstance(module, BaseTunerLayer):
         return _lora_call(module, x)
+    dense = type(module) is torch.nn.Linear
+    if not dense and not type(module).__module__.startswith("bitsandbytes"):
+        return None  # a PEFT ModulesToSaveWrapper, a custom linear ...: its own forward
     if module._forward_hooks or module._forward_pre_hooks or module.weight.requires_grad:
         return None
-    if type(module) is torch.nn.Linear:
+    if dense:
         return _LoraCall(module.weight, None, module.bias, None, None, 0.0, module.weight.dtype, False)
-    if not type(module).__module__.startswith("bitsandbytes"):
-        return None
     # Imported only for bitsandbytes models: importing it is slow.
     import bitsandbytes as bnb
 
