@@ -168,15 +168,21 @@ def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
     fused_forwards = _count_fused_mlp_backwards(monkeypatch, "gated_forward")
     hooked = model.get_base_model().model.language_model.layers[0].mlp.up_proj
-    handle = hooked.register_forward_hook(lambda module, args, out: None)
+    hook_calls = []
+    handle = hooked.register_forward_hook(lambda module, args, out: hook_calls.append("forward" in module.__dict__))
     # With the adapter off nothing trains: losses only.
     run = (lambda: (model(**batch), None)) if adapter_off else (lambda: _loss_and_grads(model, batch))
     with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         plain, plain_grads = run()
+        hook_calls.clear()
         patch = apply_kernels(model, adapter, ops)
         patched, patched_grads = run()
         patch.revert()
     handle.remove()
+    # The hooked projection is still called as a module, so its hook fires, with the LoRA kernel's forward swapped
+    # in when that op is on; revert takes the swap away.
+    assert hook_calls and all(swapped == ("lora_linear" in ops) for swapped in hook_calls)
+    assert "forward" not in hooked.__dict__
     # Fused in the second layer only when LoRA is on and the lora_linear op patched the projections.
     fused = not adapter_off and "lora_linear" in ops
     assert len(fused_mlp) == (1 if fused else 0) and (len(fused_forwards) > 0) == fused

@@ -283,15 +283,18 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _projection_call(module: torch.nn.Module, x: torch.Tensor) -> _LoraCall | None:
     """A patched LoRA layer's kernel inputs (:func:`_lora_call`); for a frozen ``nn.Linear`` or NF4 ``Linear4bit``
-    without LoRA, the same with no LoRA matrices; None for anything else (its own forward then runs)."""
+    without LoRA, the same with no LoRA matrices; None for anything else, or a module with hooks (its own forward
+    then runs)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # the fused node calls no module, so a hook would not fire
     if isinstance(module, BaseTunerLayer):
         return _lora_call(module, x)
     dense = type(module) is torch.nn.Linear
     if not dense and not type(module).__module__.startswith("bitsandbytes"):
         return None  # a PEFT ModulesToSaveWrapper, a custom linear ...: its own forward
-    if module._forward_hooks or module._forward_pre_hooks or module.weight.requires_grad:
+    if module.weight.requires_grad:
         return None
     if dense:
         return _LoraCall(module.weight, None, module.bias, None, None, 0.0, module.weight.dtype, False)
@@ -445,15 +448,12 @@ class _LoraCall(typing.NamedTuple):
 
 def _lora_call(module: torch.nn.Module, x: torch.Tensor) -> _LoraCall | None:
     """The kernel's inputs for a LoRA layer that :func:`_patch_lora_linear` patched, or None where its own
-    forward must run: not patched, switched by PEFT since (``disable_adapter()``, ``set_adapter``, merge), or
-    with hooks that a call of the kernel would skip."""
+    forward must run: not patched, or switched by PEFT since (``disable_adapter()``, ``set_adapter``, merge)."""
     swapped = module.__dict__.get(_STATE)
     if swapped is None or not isinstance(swapped.data, _LoraData):
         return None
     data = swapped.data
     if module.disable_adapters or module.merged or list(module.active_adapters) != [data.adapter]:
-        return None
-    if module._forward_hooks or module._forward_pre_hooks:
         return None
     layer = module.get_base_layer()
     quant_state = None
