@@ -274,6 +274,25 @@ def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_row
     assert torch.equal(batch["labels"], labels)  # the caller's labels are not shifted in place
 
 
+def test_patched_model_generates_the_plain_models_tokens(tiny_qwen, latex_rows, monkeypatch):
+    """Decoding runs the fused MLP on one new token at a time under no_grad, with a KV cache."""
+    model, processor, adapter = _tuned(tiny_qwen, vision="lora", language="lora")
+    fused_forwards = _count_fused_mlp_backwards(monkeypatch, "gated_forward")
+    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    prompt = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    model.eval()
+    with torch.no_grad():
+        plain = model.generate(**prompt, **kwargs)
+        patch = apply_kernels(model, adapter)
+        patched = model.generate(**prompt, **kwargs)
+        patch.revert()
+    assert plain.shape[1] > prompt["input_ids"].shape[1]
+    assert torch.equal(patched, plain)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert len(fused_forwards) == n_layers * (plain.shape[1] - prompt["input_ids"].shape[1])  # one per new token
+
+
 def test_patched_forward_keeps_the_signature_trainer_and_generate_read(tiny_gemma):
     model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
     before = inspect.signature(model.forward)
