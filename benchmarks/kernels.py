@@ -3,6 +3,7 @@
     python benchmarks/kernels.py            # on a CUDA machine: prints a table, writes
                                             # benchmarks/results/kernels_<device>.json
     python benchmarks/kernels.py --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
+    python benchmarks/kernels.py --only swiglu --profile $OUT   # also where the time goes, per case
 
 Each case runs forward and backward of the kernel and of the reference on the same inputs. Four times each:
 
@@ -17,14 +18,21 @@ Each case runs forward and backward of the kernel and of the reference on the sa
 - ``*_gpu_ms``: the sum of the kernels' own durations from the profiler, averaged over ``--reps`` runs.
 
 Peak memory is the allocator's peak above what the inputs already hold, for one forward + backward.
+
+``--profile DIR`` writes, per case and side, ``<case>.<triton|reference>.txt``: the profiler's table of CUDA
+kernels (which launches the GPU time goes to) and a ``cProfile`` listing of the host time of ``--reps`` runs
+(which Python calls the host time goes to).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import re
 import statistics
 import sys
@@ -122,13 +130,17 @@ def _lora_nf4(t, in_f, out_f, rank, device, dtype):
 def _lora_mlp(t, hidden, inter, rank, kind, device, dtype):
     """The gated MLP with LoRA on its three NF4 projections. ``kind`` "fused": :func:`lora_gated_mlp` against
     the reference; "unfused": the same reference against the kernels one by one (three ``lora_linear`` and the
-    activation kernel), which is what the fusion saves."""
+    activation kernel), which is what the fusion saves; "frozen": :func:`lora_gated_mlp` over the NF4
+    projections without LoRA (LoRA on the attention only), only ``x`` asking for a gradient."""
     activation = "silu" if inter == 18944 else "gelu_tanh"
     x = _leaf(t, hidden, device=device, dtype=dtype)
     leaves, projections = [x], []
     for out_f, in_f in ((inter, hidden), (inter, hidden), (hidden, inter)):
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
         packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        if kind == "frozen":
+            projections.append(LoraProjection(packed, state))
+            continue
         a = _leaf(rank, in_f, device=device, dtype=dtype, scale=in_f**-0.5)
         b = _leaf(out_f, rank, device=device, dtype=dtype, scale=0.01)
         leaves += [a, b]
@@ -142,7 +154,7 @@ def _lora_mlp(t, hidden, inter, rank, kind, device, dtype):
 
         return project(act(project(x, gate), project(x, up)), down)
 
-    kernel = lora_gated_mlp if kind == "fused" else unfused
+    kernel = unfused if kind == "unfused" else lora_gated_mlp
     return (
         _fwd_bwd(kernel, leaves, x, *projections, activation),
         _fwd_bwd(lora_gated_mlp_reference, leaves, x, *projections, activation),
@@ -161,9 +173,9 @@ def _fused_ce(t, hidden, vocab, softcap, device, dtype):
     )
 
 
-def cases(smoke: bool) -> dict[str, Callable]:
+def cases(smoke: bool, t: int = 2048) -> dict[str, Callable]:
     """name -> builder(device, dtype) returning (kernel step, reference step). Real sizes: Qwen2.5-VL-7B
-    (hidden 3584, intermediate 18944, vocab 152064) and Gemma-3-4B (2560, 10240, 262208), 2048 tokens."""
+    (hidden 3584, intermediate 18944, vocab 152064) and Gemma-3-4B (2560, 10240, 262208), ``t`` tokens."""
     if smoke:
         return {
             "rms_norm llama": lambda d, dt: _rms_norm(7, 48, "llama", d, dt),
@@ -174,10 +186,10 @@ def cases(smoke: bool) -> dict[str, Callable]:
             "geglu_tanh": lambda d, dt: _gated(7, 96, "geglu_tanh", d, dt),
             "lora_linear nf4": lambda d, dt: _lora_nf4(7, 64, 96, 4, d, dt),
             "lora_gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "fused", d, dt),
+            "frozen gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "frozen", d, dt),
             "fused_linear_ce": lambda d, dt: _fused_ce(7, 48, 100, None, d, dt),
             "fused_linear_ce softcap": lambda d, dt: _fused_ce(7, 48, 100, 30.0, d, dt),
         }
-    t = 2048
     return {
         "rms_norm llama 3584": lambda d, dt: _rms_norm(t, 3584, "llama", d, dt),
         "rms_norm gemma 2560": lambda d, dt: _rms_norm(t, 2560, "gemma", d, dt),
@@ -192,6 +204,8 @@ def cases(smoke: bool) -> dict[str, Callable]:
         "lora_gated_mlp nf4 2560/10240 r16": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "fused", d, dt),
         "unfused kernels nf4 3584/18944 r16": lambda d, dt: _lora_mlp(t, 3584, 18944, 16, "unfused", d, dt),
         "unfused kernels nf4 2560/10240 r16": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "unfused", d, dt),
+        "frozen gated_mlp nf4 3584/18944": lambda d, dt: _lora_mlp(t, 3584, 18944, 16, "frozen", d, dt),
+        "frozen gated_mlp nf4 2560/10240": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "frozen", d, dt),
         "fused_linear_ce 3584 x 152064": lambda d, dt: _fused_ce(t, 3584, 152064, None, d, dt),
         "fused_linear_ce 2560 x 262208 cap": lambda d, dt: _fused_ce(t, 2560, 262208, 30.0, d, dt),
     }
@@ -248,6 +262,27 @@ def _gpu_ms(step: Step, reps: int) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / reps
 
 
+def _profile(step: Step, reps: int, path: Path) -> None:
+    """Write the CUDA kernels' table and the host's cProfile listing of ``reps`` runs to ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+    kernels = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(reps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    listing = io.StringIO()
+    pstats.Stats(profiler, stream=listing).sort_stats("tottime").print_stats(30)
+    path.write_text(f"# CUDA kernels, {reps} runs\n{kernels}\n# host, {reps} runs (cProfile)\n{listing.getvalue()}")
+
+
 def _peak_mib(step: Step) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -262,7 +297,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one untimed run (CPU is fine)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
+    parser.add_argument(
+        "--only", default="", help="run the cases whose name contains one of these comma-separated texts"
+    )
+    parser.add_argument(
+        "--tokens", default="2048", help="comma-separated token counts; rows other than 2048 are named '@ N'"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
+    parser.add_argument("--profile", type=Path, default=None, help="also write per-case profiles to this folder")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -274,9 +316,14 @@ def main() -> None:
         header = ("op (triton vs reference)", "synced ms", "", "queued ms", "", "host ms", "", "gpu ms", "")
         cells = "".join(f" {h:>15s} {x:6s}" for h, x in zip(header[1::2], header[2::2], strict=True))
         print(f"{header[0]:34s}{cells}")
-    for name, build in cases(args.smoke).items():
-        if args.only not in name:
-            continue
+    tokens = [int(t) for t in args.tokens.split(",")]
+    builders = {
+        name if t == 2048 else f"{name} @ {t}": build
+        for t in tokens
+        for name, build in cases(args.smoke, t).items()
+        if any(part in name for part in args.only.split(","))
+    }
+    for name, build in builders.items():
         kernel, reference = build(device, dtype)
         if not cuda:
             start = time.perf_counter()
@@ -297,6 +344,11 @@ def main() -> None:
             "triton_peak_mib": _peak_mib(kernel),
             "reference_peak_mib": _peak_mib(reference),
         }
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+            _profile(kernel, args.reps, args.profile / f"{stem}.triton.txt")
+            _profile(reference, args.reps, args.profile / f"{stem}.reference.txt")
         for kind in ("", "queued_", "host_", "gpu_"):
             row[f"{kind}speedup"] = row[f"reference_{kind}ms"] / row[f"triton_{kind}ms"]
         rows.append(row)
@@ -310,8 +362,8 @@ def main() -> None:
     if not cuda or args.smoke:
         return
     gpu = torch.cuda.get_device_name()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}.json"
     meta = {
         "device": gpu,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -319,7 +371,7 @@ def main() -> None:
         "triton": __import__("triton").__version__,
         "python": platform.python_version(),
         "dtype": str(dtype),
-        "tokens": 2048,
+        "tokens": tokens,
         "timing": f"{args.reps} forward+backward runs after {args.warmup} warm-up: synced (median, CUDA events), "
         "queued (mean of back-to-back runs), host (median perf_counter), gpu (profiler kernel time)",
     }

@@ -61,6 +61,17 @@ def test_dequantize_nf4_bit_exact_against_bitsandbytes(device, dtype, shape, nes
     _assert_bit_exact(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("blocksize", [128, 256, 4096])
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_nf4_other_blocksizes(device, dtype, blocksize, nested):
+    """A tile holds 2048 // (blocksize // 2) absmax blocks: one of 4096 values is a tile on its own, and 96 x 128
+    ends in a partial tile for the smaller ones."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    _assert_bit_exact(dequantize_nf4(packed, state), _flat_dequantize(packed, state))
+
+
 @pytest.mark.parametrize("shape", [(96, 48), (160, 96), (7, 5)])
 def test_dequantize_nf4_rows_not_multiple_of_64(device, shape):
     """bitsandbytes 0.50's native CPU kernel counts blocks per row here, disagreeing with its own quantiser

@@ -99,8 +99,9 @@ class FastLaunch:
         specs = tuple(
             [(v.dtype, v.data_ptr() % 16 == 0) if type(v) is torch.Tensor else _spec(v) for v in args]  # noqa: E721
         )
-        # Every constexpr and launch option by value (num_warps, enable_fp_fusion ...), in the call's order.
-        return torch.cuda.current_device(), specs, tuple(meta.items())
+        # Every constexpr and launch option by value (num_warps, enable_fp_fusion ...), in the call's order. The
+        # device without torch.cuda.current_device()'s Python: CUDA is initialised, the tensors are on it.
+        return torch._C._cuda_getDevice(), specs, tuple(meta.items())
 
     def launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
         """Launch on ``grid`` (1 to 3 ints; a callable grid takes Triton's path) on the current CUDA stream."""

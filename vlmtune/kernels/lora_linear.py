@@ -51,7 +51,9 @@ NF4_LEVELS = (
     0.7229568362236023,
     1.0,
 )
-_BLOCK_BYTES = 1024
+# Bytes of packed codes per program: a tile of ``_TILE_BYTES // (blocksize // 2)`` absmax blocks.
+_TILE_BYTES = 2048
+_DEQUANT_WARPS = 4
 _LEVELS: dict[torch.device, torch.Tensor] = {}
 _BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -68,29 +70,41 @@ def _dequantize_nf4_kernel(
     out_ptr,
     n_bytes,
     n_out,
-    blocksize,
     blocksize2,
     NESTED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+    ROWS: tl.constexpr,
+    WORDS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    byte_mask = byte < n_bytes
-    packed = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
-    # Both values of a byte share one absmax block, since the blocksize is even.
-    block = (byte * 2) // blocksize
+    # A tile of ROWS absmax blocks x HALF bytes (blocksize // 2: two codes per byte). The scale is computed
+    # once per block, not per value.
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    block_mask = block * HALF < n_bytes
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=byte_mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // blocksize2, mask=byte_mask, other=0.0)
+        q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // blocksize2, mask=block_mask, other=0.0)
         # Rounded after the product and again after the offset, as bitsandbytes does in two torch ops;
         # the launch disables FMA contraction so the compiler cannot merge them.
-        absmax = tl.load(code2_ptr + q, mask=byte_mask, other=0.0) * scale2 + tl.load(offset_ptr)
+        absmax = tl.load(code2_ptr + q, mask=block_mask, other=0.0) * scale2 + tl.load(offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + block, mask=byte_mask, other=0.0)
-    high = tl.load(levels_ptr + (packed >> 4)) * absmax
-    low = tl.load(levels_ptr + (packed & 15)) * absmax
-    out = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
-    idx = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + idx, out, mask=idx < n_out)
+        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
+    byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte_mask = byte < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
+    high = tl.load(levels_ptr + (packed >> 4)) * absmax[:, None]
+    low = tl.load(levels_ptr + (packed & 15)) * absmax[:, None]
+    if WORDS:
+        # A 2-byte output and an even count: each byte's two values as one 32-bit word (little-endian, the
+        # high nibble's value first), stored to ``out`` viewed as int32.
+        out_type = tl.bfloat16 if OUT_BF16 else tl.float16
+        first = high.to(out_type).to(tl.uint16, bitcast=True).to(tl.uint32)
+        second = low.to(out_type).to(tl.uint16, bitcast=True).to(tl.uint32)
+        tl.store(out_ptr + byte, (first | (second << 16)).to(tl.int32, bitcast=True), mask=byte_mask)
+    else:
+        out = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
+        idx = block[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out_ptr + idx, out, mask=idx < n_out)
 
 
 def _levels(device: torch.device) -> torch.Tensor:
@@ -116,21 +130,26 @@ def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> to
     absmax2 = state2.absmax if nested else absmax
     code2 = state2.code if nested else absmax
     offset = quant_state.offset if nested else absmax
-    _dequantize_nf4_kernel[(triton.cdiv(n_bytes, _BLOCK_BYTES),)](
+    half = quant_state.blocksize // 2
+    rows = max(1, _TILE_BYTES // half)
+    words = out.dtype in (torch.bfloat16, torch.float16) and out.numel() == 2 * n_bytes
+    _dequantize_nf4_kernel[(triton.cdiv(n_bytes, rows * half),)](
         packed,
         absmax,
         absmax2,
         code2,
         offset,
         _levels(packed.device),
-        out,
+        out.view(torch.int32) if words else out,
         n_bytes,
         out.numel(),
-        quant_state.blocksize,
         state2.blocksize if nested else 1,
         NESTED=nested,
-        BLOCK=_BLOCK_BYTES,
-        num_warps=4,
+        HALF=half,
+        ROWS=rows,
+        WORDS=words,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        num_warps=_DEQUANT_WARPS,
         enable_fp_fusion=False,
     )
     return out
