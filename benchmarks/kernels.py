@@ -5,7 +5,8 @@
     python benchmarks/kernels.py --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
     python benchmarks/kernels.py --only swiglu --profile $OUT   # also where the time goes, per case
 
-Each case runs forward and backward of the kernel and of the reference on the same inputs. Four times each:
+Each case runs forward and backward of the kernel and of the reference on the same inputs (the NF4
+dequantisation, of a frozen weight, forward only). Four times each:
 
 - ``*_ms`` (synced): the median of ``--reps`` runs after ``--warmup`` runs, each started on an idle GPU and
   waited for, measured with CUDA events: it includes the gaps where the GPU waits for Python to launch the next
@@ -60,7 +61,7 @@ from vlmtune.kernels.fused_linear_ce import (  # noqa: E402
     fused_linear_cross_entropy_reference,
 )
 from vlmtune.kernels.gated_mlp import geglu_tanh, geglu_tanh_reference, swiglu, swiglu_reference  # noqa: E402
-from vlmtune.kernels.lora_linear import lora_linear, lora_linear_reference  # noqa: E402
+from vlmtune.kernels.lora_linear import dequantize_nf4, lora_linear, lora_linear_reference  # noqa: E402
 from vlmtune.kernels.lora_mlp import LoraProjection, lora_gated_mlp, lora_gated_mlp_reference  # noqa: E402
 from vlmtune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from vlmtune.kernels.rope import apply_mrope, apply_mrope_reference, apply_rope, apply_rope_reference  # noqa: E402
@@ -82,6 +83,20 @@ def _fwd_bwd(fn, inputs: list[torch.Tensor], *args, **kwargs) -> Step:
             t.grad = None
 
     return step
+
+
+def _fwd_only(fn, *args) -> Step:
+    def step():
+        fn(*args)
+
+    return step
+
+
+def _dequant(out_f, in_f, device, dtype):
+    """Forward only (the weight is frozen): the kernel against bitsandbytes' own CUDA dequantisation."""
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    return _fwd_only(dequantize_nf4, packed, state), _fwd_only(bnbf.dequantize_4bit, packed, state)
 
 
 def _rms_norm(t, hidden, casting, device, dtype):
@@ -184,6 +199,7 @@ def cases(smoke: bool, t: int = 2048) -> dict[str, Callable]:
             "mrope": lambda d, dt: _rope(7, 4, 2, 32, True, d, dt),
             "swiglu": lambda d, dt: _gated(7, 96, "swiglu", d, dt),
             "geglu_tanh": lambda d, dt: _gated(7, 96, "geglu_tanh", d, dt),
+            "dequantize_nf4": lambda d, dt: _dequant(96, 64, d, dt),
             "lora_linear nf4": lambda d, dt: _lora_nf4(7, 64, 96, 4, d, dt),
             "lora_gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "fused", d, dt),
             "frozen gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "frozen", d, dt),
@@ -198,6 +214,8 @@ def cases(smoke: bool, t: int = 2048) -> dict[str, Callable]:
         "rope 8/4 x 256 (gemma)": lambda d, dt: _rope(t, 8, 4, 256, False, d, dt),
         "swiglu 18944": lambda d, dt: _gated(t, 18944, "swiglu", d, dt),
         "geglu_tanh 10240": lambda d, dt: _gated(t, 10240, "geglu_tanh", d, dt),
+        "dequantize_nf4 18944x3584 (fwd)": lambda d, dt: _dequant(18944, 3584, d, dt),
+        "dequantize_nf4 10240x2560 (fwd)": lambda d, dt: _dequant(10240, 2560, d, dt),
         "lora_linear nf4 3584->18944 r16": lambda d, dt: _lora_nf4(t, 3584, 18944, 16, d, dt),
         "lora_linear nf4 2560->10240 r16": lambda d, dt: _lora_nf4(t, 2560, 10240, 16, d, dt),
         "lora_gated_mlp nf4 3584/18944 r16": lambda d, dt: _lora_mlp(t, 3584, 18944, 16, "fused", d, dt),
