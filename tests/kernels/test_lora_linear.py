@@ -7,6 +7,25 @@ import torch
 
 from vlmtune.kernels.lora_linear import NF4_LEVELS, dequantize_nf4, lora_linear, lora_linear_reference
 
+
+def test_dequantize_nf4_into_given_out_and_refuses_a_wrong_one(device):
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    packed, state = _quantize(w)
+    want = bnbf.dequantize_4bit(packed, state)
+    backing = torch.empty(1 + 96 * 128, dtype=torch.bfloat16, device=device)
+    # An odd start: 2-byte aligned only, so the kernel takes its per-value stores.
+    shifted = backing[1:].view(96, 128)
+    got = dequantize_nf4(packed, state, shifted)
+    assert got is shifted
+    _assert_bit_exact(got, want)
+    fp32 = dequantize_nf4(packed, state, torch.empty(96, 128, device=device))
+    torch.testing.assert_close(fp32, bnbf.dequantize_4bit(packed, state).float(), atol=0, rtol=2**-7)
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_nf4(packed, state, torch.empty(128, 96, dtype=torch.bfloat16, device=device).t())
+    with pytest.raises(ValueError, match=r"\(96, 128\)"):
+        dequantize_nf4(packed, state, torch.empty(96, 64, dtype=torch.bfloat16, device=device))
+
+
 # The package exports the function lora_linear, which shadows the module of the same name as an attribute.
 lora_module = importlib.import_module("vlmtune.kernels.lora_linear")
 
@@ -72,7 +91,8 @@ def test_dequantize_nf4_other_blocksizes(device, dtype, blocksize, nested):
     _assert_bit_exact(dequantize_nf4(packed, state), _flat_dequantize(packed, state))
 
 
-@pytest.mark.parametrize("shape", [(96, 48), (160, 96), (7, 5)])
+# (7, 5): an odd count (one value per byte at the end); (6, 5): an even count in rows of odd length.
+@pytest.mark.parametrize("shape", [(96, 48), (160, 96), (7, 5), (6, 5)])
 def test_dequantize_nf4_rows_not_multiple_of_64(device, shape):
     """bitsandbytes 0.50's native CPU kernel counts blocks per row here, disagreeing with its own quantiser
     (its CUDA kernel and Python fallback do not), so compare with the flat layout written out in torch."""

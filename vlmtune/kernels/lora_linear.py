@@ -132,7 +132,10 @@ def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> to
     offset = quant_state.offset if nested else absmax
     half = quant_state.blocksize // 2
     rows = max(1, _TILE_BYTES // half)
-    words = out.dtype in (torch.bfloat16, torch.float16) and out.numel() == 2 * n_bytes
+    # The 32-bit stores need an even count and a 4-byte aligned start (the flat view of `out` as int32).
+    words = (
+        out.dtype in (torch.bfloat16, torch.float16) and out.numel() == 2 * n_bytes and out.storage_offset() % 2 == 0
+    )
     _dequantize_nf4_kernel[(triton.cdiv(n_bytes, rows * half),)](
         packed,
         absmax,
@@ -140,7 +143,7 @@ def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> to
         code2,
         offset,
         _levels(packed.device),
-        out.view(torch.int32) if words else out,
+        out.reshape(-1).view(torch.int32) if words else out,
         n_bytes,
         out.numel(),
         state2.blocksize if nested else 1,
@@ -161,13 +164,19 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor | None =
     Args:
         weight: the packed ``Params4bit`` (uint8 or another ``quant_storage``), ``(numel // 2, 1)``.
         quant_state: its ``bitsandbytes.functional.QuantState``; nested (double-quantised) or not.
-        out: where to write; a new tensor of ``quant_state.shape`` and ``quant_state.dtype`` if None.
+        out: where to write, a contiguous tensor of ``quant_state.shape`` (any float dtype) on the weight's
+            device; a new one in ``quant_state.dtype`` if None.
 
     Returns:
         ``quant_state.shape`` (e.g. ``(out_features, in_features)``) in ``quant_state.dtype``.
     """
     if out is None:
         out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
+    elif out.shape != quant_state.shape or not out.is_contiguous() or out.device != weight.device:
+        raise ValueError(
+            f"out must be a contiguous {tuple(quant_state.shape)} tensor on {weight.device}, got "
+            f"{tuple(out.shape)} (contiguous={out.is_contiguous()}) on {out.device}"
+        )
     return _dequantize_into(weight, quant_state, out)
 
 
