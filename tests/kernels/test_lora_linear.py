@@ -205,3 +205,34 @@ def test_lora_linear_nf4_real_size(in_f, out_f):
     got = _run(lora_linear, x, packed, state, None, a, b, dy, 2.0)
     want = _run(lora_linear_reference, x, packed, state, None, a, b, dy, 2.0)
     _compare(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_lora_factor_grad_is_the_scaled_product_in_the_factor_dtype(device, half):
+    g = torch.Generator().manual_seed(3)
+    left = torch.randn(40, 8, generator=g).to(device, half).t()  # as backward passes it: a transposed view
+    right = torch.randn(40, 24, generator=g).to(device, half)
+    like = torch.empty(8, 24, dtype=half, device=device)
+    exact = 0.5 * (left.double() @ right.double())
+    fp32 = lora_module.lora_factor_grad(like, left, right, 0.5, torch.float32)
+    same = lora_module.lora_factor_grad(like, left, right, 0.5, half)
+    assert fp32.dtype == torch.float32 and same.dtype == half and fp32.shape == same.shape == (8, 24)
+    # The half result is one rounding of the product; fp32 is that or better (exact accumulation on CUDA).
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[half]
+    scale = exact.abs().max().item()
+    assert (same.double() - exact).abs().max().item() <= 2 * ulp * scale
+    assert (fp32.double() - exact).abs().max().item() <= 2 * ulp * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_factor_grad_in_fp32_straight_from_the_gemm_on_cuda():
+    """On CUDA a half-precision product wanted in fp32 is written in fp32 by the GEMM: no rounding to bf16."""
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(2048, 16, generator=g).to("cuda", torch.bfloat16).t()
+    right = torch.randn(2048, 3584, generator=g).to("cuda", torch.bfloat16)
+    like = torch.empty(16, 3584, dtype=torch.bfloat16, device="cuda")
+    got = lora_module.lora_factor_grad(like, left, right, 2.0, torch.float32)
+    exact = 2.0 * (left.double() @ right.double())
+    # bf16 rounding alone would leave up to 2^-9 of the largest value; fp32 accumulation leaves ~1e-6.
+    assert (got.double() - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()

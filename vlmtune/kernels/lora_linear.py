@@ -21,7 +21,9 @@ another stream, which nothing here does; :func:`dequantize_nf4` returns a fresh 
 
 The LoRA path runs in the activation dtype (A and B are cast to it, as Unsloth does; PEFT may keep them in
 fp32) and is accumulated into the base output with ``addmm_``. Backward computes dX, dA, dB (and dbias
-when a bias asks for it), never a gradient for the base weight.
+when a bias asks for it), never a gradient for the base weight. dA and dB of fp32 factors come out of their
+GEMM in fp32 on CUDA (:func:`lora_factor_grad`): PEFT's autocast path rounds them to the activation dtype
+first, so these are at least as accurate as the reference's.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ NF4_LEVELS = (
 _TILE_BYTES = 2048
 _DEQUANT_WARPS = 4
 _LEVELS: dict[torch.device, torch.Tensor] = {}
+_FP32_OUT: dict[torch.device, bool] = {}
+_HALF = (torch.bfloat16, torch.float16)
 _BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -198,6 +202,33 @@ def frozen_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torc
     return w if w.dtype == dtype else w.to(dtype)
 
 
+def _fp32_out_supported(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on this device (CUDA, torch >= 2.8)."""
+    if device.type != "cuda":
+        return False
+    supported = _FP32_OUT.get(device)
+    if supported is None:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            supported = torch.addmm(one, one, one, out_dtype=torch.float32, beta=0).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            supported = False
+        _FP32_OUT[device] = supported
+    return supported
+
+
+def lora_factor_grad(like: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype):
+    """``scale * left @ right`` in ``dtype``: a LoRA factor's gradient (``like`` only gives its shape).
+
+    With fp32 factors (vlmtune's default) over half-precision activations, the GEMM writes fp32 itself on CUDA
+    (accumulated in fp32, never rounded to the half type), which also saves the cast's launch; elsewhere the
+    product is computed in the operands' dtype and cast, as autograd does for PEFT's autocast path.
+    """
+    if dtype == torch.float32 and left.dtype in _HALF and _fp32_out_supported(left.device):
+        return torch.addmm(like, left, right, out_dtype=torch.float32, beta=0, alpha=scale)
+    return torch.addmm(like, left, right, beta=0, alpha=scale).to(dtype)
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale):
@@ -226,13 +257,13 @@ class _LoraLinearFunction(torch.autograd.Function):
         if needs_x or needs_a:
             dy_b = dy2d @ b  # (N, r)
             if needs_a:
-                da = torch.addmm(a, dy_b.t(), x2d, beta=0, alpha=scale).to(a_dtype)
+                da = lora_factor_grad(a, dy_b.t(), x2d, scale, a_dtype)
             if needs_x:
                 w = frozen_weight(weight, ctx.quant_state, dy2d.dtype)
                 dx = (dy2d @ w).addmm_(dy_b, a, alpha=scale)
                 dx = dx.reshape(ctx.x_shape)
         if needs_b:
-            db = torch.addmm(b, dy2d.t(), xa, beta=0, alpha=scale).to(b_dtype)
+            db = lora_factor_grad(b, dy2d.t(), xa, scale, b_dtype)
         if needs_bias:
             dbias = dy2d.sum(0).to(bias_dtype)
         return dx, None, None, dbias, da, db, None

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from vlmtune.kernels.gated_mlp import gated_backward, gated_forward
-from vlmtune.kernels.lora_linear import frozen_weight, lora_linear_reference
+from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference
 
 _REFERENCE_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -96,10 +96,8 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
         dtype = dout.dtype
 
         def lora_grad(i, like, left, right, scale):
-            # The scale rides in the GEMM's alpha; beta=0 only borrows `like`'s shape.
-            if not needs[i]:
-                return None
-            return torch.addmm(like, left, right, beta=0, alpha=scale).to(ctx.lora_dtypes[i])
+            # The scale rides in the GEMM's alpha; `like` only gives the shape.
+            return lora_factor_grad(like, left, right, scale, ctx.lora_dtypes[i]) if needs[i] else None
 
         # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its A's gradient needs h = act(gate) * up, which the
         # activation's backward recomputes below instead of the forward keeping it.
