@@ -269,25 +269,24 @@ def _host_ms(step: Step, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def _gpu_ms(step: Step, reps: int) -> float:
-    activities = [torch.profiler.ProfilerActivity.CUDA]
+def _cuda_profile(step: Step, reps: int) -> torch.profiler.profile:
+    """The profiler's record of ``reps`` runs, CUDA activity only."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Profiler clears events at the end of each cycle"
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(reps):
-                step()
-            torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / reps
-
-
-def _profile(step: Step, reps: int, path: Path) -> None:
-    """Write the CUDA kernels' table and the host's cProfile listing of ``reps`` runs to ``path``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 step()
             torch.cuda.synchronize()
+    return prof
+
+
+def _gpu_ms(step: Step, reps: int) -> float:
+    return sum(e.self_device_time_total for e in _cuda_profile(step, reps).key_averages()) / 1e3 / reps
+
+
+def _profile(step: Step, reps: int, path: Path) -> None:
+    """Write the CUDA kernels' table and the host's cProfile listing of ``reps`` runs to ``path``."""
+    prof = _cuda_profile(step, reps)
     kernels = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
     profiler = cProfile.Profile()
     torch.cuda.synchronize()

@@ -100,8 +100,7 @@ def _gated_bwd_kernel(
 
 def gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Launch the forward on contiguous ``gate`` and ``up``; no autograd (see :func:`swiglu` for that)."""
-    same = gate.dtype is up.dtype
-    y = torch.empty_like(gate) if same else torch.empty_like(gate, dtype=torch.promote_types(gate.dtype, up.dtype))
+    y = torch.empty_like(gate, dtype=torch.promote_types(gate.dtype, up.dtype))
     n = gate.numel()
     if n:
         _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
