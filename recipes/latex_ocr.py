@@ -4,7 +4,7 @@
 
 PATH is a local checkpoint folder (Qwen2-VL / Qwen2.5-VL, Gemma-3), DIR holds train/test parquet files with
 `image` and `text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`). OUT receives the
-LoRA adapter, the processor with its chat template, and `vlmtune.json` (this config + package versions).
+LoRA family, the processor with its chat template, and `vlmtune.json` (this config + package versions).
 
 The whole run is :func:`main`: copy this file and change it, rather than adding options to it.
 """
@@ -54,10 +54,10 @@ class LatexOcrConfig:
 def main(config: LatexOcrConfig) -> dict:
     """Load, tune, train, export, evaluate; return the losses and metrics."""
     config.training.output_dir = config.out
-    model, processor, adapter = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
-    model = vlmtune.apply_tuning(model, adapter, config.tuning)
+    model, processor, family = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
+    model = vlmtune.apply_tuning(model, family, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
-    result = vlmtune.train(model, processor, adapter, train_rows, config.training, config.tuning)
+    result = vlmtune.train(model, processor, family, train_rows, config.training, config.tuning)
     vlmtune.export(result.model, processor, config.out, recipe=config, base_model=config.model)
     summary = {"losses": result.losses, "kept_rows": result.kept_rows, "skipped_rows": result.skipped_rows}
     if config.eval_samples > 0:

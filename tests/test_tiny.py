@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.adapters import detect
 from vlmtune.data.collator import Collator
+from vlmtune.families import detect
 from vlmtune.loading import read_config
 from vlmtune.tiny import BUILDERS, build
 

@@ -46,14 +46,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
-    model, processor, adapter = vlmtune.load(args.model)
+    model, processor, family = vlmtune.load(args.model)
     tuning = vlmtune.TuningConfig(vision="lora", language="lora")
-    model = vlmtune.apply_tuning(model, adapter, tuning)
+    model = vlmtune.apply_tuning(model, family, tuning)
     before = vision_lora(model)
     config = vlmtune.TrainConfig(
         output_dir=args.out, max_steps=args.steps, batch_size=2, lr=1e-2, logging_steps=1, save_steps=0
     )
-    result = vlmtune.train(model, processor, adapter, rows(with_images=rank == 1), config, tuning)
+    result = vlmtune.train(model, processor, family, rows(with_images=rank == 1), config, tuning)
     torch.save(
         {"before": before, "after": vision_lora(model), "losses": result.losses},
         Path(args.out) / f"rank{rank}.pt",

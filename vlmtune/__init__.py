@@ -3,16 +3,16 @@
 The public API::
 
     import vlmtune
-    model, processor, adapter = vlmtune.load("path/to/checkpoint", quant="nf4")
-    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="frozen"))
+    model, processor, family = vlmtune.load("path/to/checkpoint", quant="nf4")
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen"))
     rows = vlmtune.load_rows("latex_ocr", split="train", path="data/latex_ocr")
-    result = vlmtune.train(model, processor, adapter, rows, vlmtune.TrainConfig(output_dir="out"))
+    result = vlmtune.train(model, processor, family, rows, vlmtune.TrainConfig(output_dir="out"))
     vlmtune.export(result.model, processor, "out", recipe=...)
 """
 
-from vlmtune.adapters import detect
 from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.export import export, load_exported, merge
+from vlmtune.families import detect
 from vlmtune.loading import load
 from vlmtune.train import TrainConfig, TrainResult, train
 from vlmtune.tuning import TuningConfig, apply_tuning

@@ -38,8 +38,8 @@ def _demo(args: argparse.Namespace) -> None:
     make_latex_ocr(args.n, work / "data", seed=args.seed, test_fraction=0.1)
     print(f"[demo] built tiny Qwen2.5-VL and {args.n} LaTeX-OCR samples ({time.time() - start:.0f}s)")
 
-    model, processor, adapter = vlmtune.load(base)
-    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="lora", language="lora", r=16))
+    model, processor, family = vlmtune.load(base)
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="lora", language="lora", r=16))
     train_rows = vlmtune.load_rows("latex_ocr", split="train", path=work / "data")
     held_out = [vlmtune.load_rows("latex_ocr", split="test", path=work / "data")[0]]
     before = generate(model, processor, held_out, max_new_tokens=48)[0]
@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> None:
     config = vlmtune.TrainConfig(
         output_dir=str(work / "out"), max_steps=args.steps, batch_size=8, lr=1e-2, logging_steps=10, seed=args.seed
     )
-    result = vlmtune.train(model, processor, adapter, train_rows, config)
+    result = vlmtune.train(model, processor, family, train_rows, config)
     print(f"[demo] loss: first {result.losses[0]:.3f} -> last {result.losses[-1]:.3f} over {args.steps} steps")
 
     out = vlmtune.export(result.model, processor, work / "out", recipe=config, base_model=str(base))

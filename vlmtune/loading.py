@@ -1,6 +1,6 @@
-"""Load a local checkpoint as model + processor + adapter, in 16-bit or quantised.
+"""Load a local checkpoint as model + processor + family, in 16-bit or quantised.
 
-model, processor, adapter = vlmtune.load("path/to/checkpoint", quant="nf4")
+model, processor, family = vlmtune.load("path/to/checkpoint", quant="nf4")
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vlmtune.adapters import Adapter, detect
+from vlmtune.families import Family, detect
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def compute_dtype(dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(adapter: Adapter, quant: str, dtype: torch.dtype):
+def quantization_config(family: Family, quant: str, dtype: torch.dtype):
     """The bitsandbytes config that quantises the language tower's linears only.
 
     The vision tower, projector and ``lm_head`` stay in the compute dtype: they are a small share of the weights,
@@ -39,7 +39,7 @@ def quantization_config(adapter: Adapter, quant: str, dtype: torch.dtype):
     """
     from transformers import BitsAndBytesConfig
 
-    keep = [*adapter.towers["vision"], *adapter.towers["projector"], "lm_head"]
+    keep = [*family.towers["vision"], *family.towers["projector"], "lm_head"]
     if quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -89,7 +89,7 @@ def load(
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
 
     Returns:
-        ``(model, processor, adapter)``.
+        ``(model, processor, family)``.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -98,14 +98,14 @@ def load(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    adapter = detect(read_config(path))
+    family = detect(read_config(path))
     torch_dtype = compute_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "device_map": device}
     if quant != "none" and not _is_prequantized(path):
-        kwargs["quantization_config"] = quantization_config(adapter, quant, torch_dtype)
-    loader = adapter.load_model or AutoModelForImageTextToText.from_pretrained
+        kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype)
+    loader = family.load_model or AutoModelForImageTextToText.from_pretrained
     model = loader(path, **kwargs)
-    processor = (adapter.load_processor or AutoProcessor.from_pretrained)(path)
-    logger.info("loaded %s (%s, %s, quant=%s) on %s", path, adapter.name, torch_dtype, quant, device)
-    return model, processor, adapter
+    processor = (family.load_processor or AutoProcessor.from_pretrained)(path)
+    logger.info("loaded %s (%s, %s, quant=%s) on %s", path, family.name, torch_dtype, quant, device)
+    return model, processor, family

@@ -1,4 +1,4 @@
-"""Small helpers for tests of adapters and data code: random images, conversations, collating rows.
+"""Small helpers for tests of families and data code: random images, conversations, collating rows.
 
 from vlmtune.testing import collate, noise, single
 batch = collate(collator, (single("Read it.", "x^{2}"), [noise((64, 32))]))

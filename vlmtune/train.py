@@ -1,6 +1,6 @@
 """The shared trainer: transformers' ``Trainer`` with vlmtune's collator, seed, logging and checkpoints.
 
-result = train(model, processor, adapter, train_rows, TrainConfig(output_dir="out", max_steps=100))
+result = train(model, processor, family, train_rows, TrainConfig(output_dir="out", max_steps=100))
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from vlmtune.adapters import Adapter
 from vlmtune.data.collator import Collator, PreparedDataset
-from vlmtune.tuning import TuningConfig, param_groups
+from vlmtune.families import Family
+from vlmtune.tuning import TuningConfig, param_groups, tuning_of
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TrainResult:
     skipped_rows: dict[str, int]
 
 
-def find_unused_parameters(model, adapter: Adapter, tuning: TuningConfig) -> bool:
+def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
     """DDP's ``find_unused_parameters`` for a run: on exactly when something outside the language tower trains.
 
     A batch of text-only rows never runs the vision tower or the projector, so on a rank whose batch has no image
@@ -114,7 +114,7 @@ def find_unused_parameters(model, adapter: Adapter, tuning: TuningConfig) -> boo
     every trainable parameter every step and skip it. (transformers' own default is on for a ``PeftModel`` and
     off for a checkpointed ``PreTrainedModel``: right here by accident, so vlmtune says it explicitly.)
     """
-    return any(group["name"] != "language" for group in param_groups(model, adapter, tuning, lr=1.0))
+    return any(group["name"] != "language" for group in param_groups(model, family, tuning, lr=1.0))
 
 
 def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool):
@@ -163,9 +163,9 @@ def _loss_recorder(losses: list[float]):
     return LossRecorder()
 
 
-def make_optimizer(model, adapter: Adapter, tuning: TuningConfig, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, family: Family, tuning: TuningConfig, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, one group per tower learning rate (see ``TuningConfig.*_lr``)."""
-    groups = param_groups(model, adapter, tuning, config.lr, config.weight_decay)
+    groups = param_groups(model, family, tuning, config.lr, config.weight_decay)
     if config.optim == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -181,20 +181,35 @@ def use_kernels(config: TrainConfig, model: torch.nn.Module) -> bool:
     return torch.cuda.is_available() and any(p.device.type == "cuda" for p in model.parameters())
 
 
+def _tuning_for(model, tuning: TuningConfig | None) -> TuningConfig:
+    """The tuning to train with: the caller's, else the one the model was built with (see ``apply_tuning``)."""
+    built = tuning_of(model)
+    if tuning is None and built is None:
+        logger.warning(
+            "the model was not prepared with vlmtune.apply_tuning and no tuning was passed: every trainable "
+            "parameter trains at the one learning rate lr"
+        )
+        return TuningConfig()
+    if tuning is not None and built is not None and tuning != built:
+        logger.warning("training with the tuning passed to train(), which differs from the one the model was built")
+    return tuning if tuning is not None else built
+
+
 def train(
-    model, processor, adapter: Adapter, rows, config: TrainConfig, tuning: TuningConfig | None = None
+    model, processor, family: Family, rows, config: TrainConfig, tuning: TuningConfig | None = None
 ) -> TrainResult:
     """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
 
     Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
-    a message naming it before any step runs. ``tuning`` supplies per-tower learning rates (default: one rate).
+    a message naming it before any step runs. ``tuning`` supplies per-tower learning rates; by default it is the
+    :class:`TuningConfig` that ``apply_tuning`` built the model with.
     """
     from transformers import Trainer, set_seed
 
-    tuning = tuning or TuningConfig()
+    tuning = _tuning_for(model, tuning)
     set_seed(config.seed)
     collator = Collator(
-        adapter,
+        family,
         processor,
         model.config,
         max_length=config.max_length,
@@ -216,14 +231,14 @@ def train(
     if use_kernels(config, model):
         from vlmtune.kernels.patch import apply_kernels
 
-        patch = apply_kernels(model, adapter)
+        patch = apply_kernels(model, family)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, dtype, find_unused_parameters(model, adapter, tuning)),
+        args=_training_arguments(config, dtype, find_unused_parameters(model, family, tuning)),
         train_dataset=dataset,
         data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],
-        optimizers=(make_optimizer(model, adapter, tuning, config), None),
+        optimizers=(make_optimizer(model, family, tuning, config), None),
     )
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

@@ -1,4 +1,4 @@
-"""Gemma-3 adapter on the tiny checkpoint (64 px SigLIP, 16 soft tokens per image).
+"""Gemma-3 family on the tiny checkpoint (64 px SigLIP, 16 soft tokens per image).
 
 Token-for-token equality with ``Gemma3Processor`` (pan-and-scan included), hand-derived label masks, golden
 LoRA target lists, real freezing of the vision tower, and QLoRA placement.
@@ -9,9 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import vlmtune
-from vlmtune.adapters import detect
-from vlmtune.adapters.gemma3 import GEMMA3
 from vlmtune.data.collator import IGNORE_INDEX, Collator
+from vlmtune.families import detect
+from vlmtune.families.gemma3 import GEMMA3
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
@@ -367,8 +367,8 @@ def vision_batch(collator):
 def test_qlora_quantizes_exactly_the_language_linears_and_trains(tiny_gemma, collator):
     import bitsandbytes as bnb
 
-    model, processor, adapter = vlmtune.load(tiny_gemma, quant="nf4", device="cpu")
-    assert adapter is GEMMA3
+    model, processor, family = vlmtune.load(tiny_gemma, quant="nf4", device="cpu")
+    assert family is GEMMA3
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit == L0_ATTN + L0_MLP + L1_ATTN + L1_MLP
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -378,7 +378,7 @@ def test_qlora_quantizes_exactly_the_language_linears_and_trains(tiny_gemma, col
     assert model.model.multi_modal_projector.mm_input_projection_weight.dtype == torch.float32
     assert model.model.language_model.layers[1].self_attn.q_proj.weight.quant_state.quant_type == "nf4"
 
-    peft_model = apply_tuning(model, adapter, TuningConfig(vision="frozen"))
+    peft_model = apply_tuning(model, family, TuningConfig(vision="frozen"))
     peft_model.train()
     loss = peft_model(**vision_batch(collator)).loss
     loss.backward()

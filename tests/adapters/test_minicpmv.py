@@ -1,4 +1,4 @@
-"""MiniCPM-V 2.6 layout (``vpm`` / ``resampler`` / ``llm``) adapter on its tiny checkpoint.
+"""MiniCPM-V 2.6 layout (``vpm`` / ``resampler`` / ``llm``) family on its tiny checkpoint.
 
 The (width, height) → grid → token-count table of the slicing itself is checked in
 ``tests/models/test_minicpmv_image.py``; here: the processor built for this layout, hand-derived prompts and
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import vlmtune
-from vlmtune.adapters import detect
-from vlmtune.adapters.minicpmv import IMAGE_TAG, MINICPMV, MiniCPMVProcessor
 from vlmtune.data.collator import IGNORE_INDEX, Collator
-from vlmtune.models import minicpmv_image
+from vlmtune.families import detect
+from vlmtune.families.minicpmv import MINICPMV
+from vlmtune.families.minicpmv import image as minicpmv_image
+from vlmtune.families.minicpmv.processing import IMAGE_TAG, MiniCPMVProcessor
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
@@ -53,7 +54,7 @@ def test_detect_and_load_without_remote_code(tiny_minicpmv, model, processor):
     # Imported here: collecting this file should not import the modeling stack (and with it triton).
     from transformers import AutoConfig
 
-    from vlmtune.models.minicpmv import MiniCPMV
+    from vlmtune.families.minicpmv.modeling import MiniCPMV
 
     config = AutoConfig.from_pretrained(tiny_minicpmv)  # no trust_remote_code: load_model registered "minicpmv"
     assert config.model_type == "minicpmv" and detect(config) is MINICPMV
@@ -68,8 +69,8 @@ def test_detect_and_load_without_remote_code(tiny_minicpmv, model, processor):
 
 
 def test_vlmtune_load_gives_the_minicpmv_processor(tiny_minicpmv):
-    _model, processor, adapter = vlmtune.load(tiny_minicpmv, device="cpu")
-    assert adapter is MINICPMV and isinstance(processor, MiniCPMVProcessor)
+    _model, processor, family = vlmtune.load(tiny_minicpmv, device="cpu")
+    assert family is MINICPMV and isinstance(processor, MiniCPMVProcessor)
 
 
 def test_processor_save_and_reload_keeps_the_slicing(processor, tmp_path):
@@ -224,8 +225,8 @@ def test_minicpmv_flags_train_resampler_and_vision_in_full_and_llm_with_lora(tin
 def test_qlora_quantizes_exactly_the_llm_linears(tiny_minicpmv):
     import bitsandbytes as bnb
 
-    model, _processor, adapter = vlmtune.load(tiny_minicpmv, quant="nf4", device="cpu")
-    assert adapter is MINICPMV
+    model, _processor, family = vlmtune.load(tiny_minicpmv, quant="nf4", device="cpu")
+    assert family is MINICPMV
     assert [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)] == L_ALL
     assert [n for n, m in model.named_modules() if type(m) is torch.nn.Linear] == V_ALL + [
         "llm.lm_head",
@@ -234,10 +235,10 @@ def test_qlora_quantizes_exactly_the_llm_linears(tiny_minicpmv):
 
 
 def test_one_training_step_through_vlmtune_load(tiny_minicpmv):
-    model, processor, adapter = vlmtune.load(tiny_minicpmv, device="cpu")
-    peft_model = apply_tuning(model, adapter, TuningConfig(vision="frozen", r=4))
+    model, processor, family = vlmtune.load(tiny_minicpmv, device="cpu")
+    peft_model = apply_tuning(model, family, TuningConfig(vision="frozen", r=4))
     peft_model.train()
-    collator = Collator(adapter, processor, model.config)
+    collator = Collator(family, processor, model.config)
     batch = collate(
         collator,
         (single("Read this.", r"\frac{1}{2}"), [noise((200, 100), 1)]),

@@ -1,4 +1,4 @@
-"""MiniCPM-V 4.6 (native transformers layout) adapter on its tiny checkpoint.
+"""MiniCPM-V 4.6 (native transformers layout) family on its tiny checkpoint.
 
 Token-for-token and pixel-for-pixel equality with ``MiniCPMV4_6Processor`` in both downsample modes, a
 hand-derived table of views and tokens, hand-derived label masks, the ``downsample_mode`` batch key, golden
@@ -11,10 +11,10 @@ import transformers
 from packaging.version import Version
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.adapters import detect
-from vlmtune.adapters.minicpmv4_6 import MINICPMV4_6, num_image_tokens
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.schema import DataError
+from vlmtune.families import detect
+from vlmtune.families.minicpmv4_6.family import MINICPMV4_6, num_image_tokens
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 

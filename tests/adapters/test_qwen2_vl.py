@@ -1,4 +1,4 @@
-"""Qwen2-VL on the shared Qwen-VL adapter, with its own tiny checkpoint.
+"""Qwen2-VL on the shared Qwen-VL family, with its own tiny checkpoint.
 
 Qwen2-VL differs from Qwen2.5-VL where LoRA placement can go wrong: its vision MLP is ``fc1``/``fc2`` (the
 names SigLIP uses too) and its merger is ``merger.mlp.0/2``. The tests check token-for-token equality with
@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.adapters import detect
-from vlmtune.adapters.qwen_vl import QWEN2_5_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
+from vlmtune.families import detect
+from vlmtune.families.qwen_vl import QWEN2_5_VL
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 

@@ -1,4 +1,4 @@
-"""Qwen3-VL adapter on its tiny checkpoint.
+"""Qwen3-VL family on its tiny checkpoint.
 
 Qwen3-VL cuts 16 px patches merged 2x2 (sides are multiples of 32), normalises with mean/std 0.5, writes no
 default system turn, names its vision MLP ``linear_fc1``/``linear_fc2`` (so do its mergers), and feeds
@@ -12,9 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import vlmtune
-from vlmtune.adapters import detect
-from vlmtune.adapters.qwen_vl import QWEN3_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
+from vlmtune.families import detect
+from vlmtune.families.qwen_vl import QWEN3_VL
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
@@ -323,12 +323,12 @@ def test_frozen_vision_gets_no_grads_and_language_lora_does(tiny_qwen3_vl, colla
 def test_qlora_quantizes_exactly_the_language_linears_and_trains(tiny_qwen3_vl, collator):
     import bitsandbytes as bnb
 
-    model, _processor, adapter = vlmtune.load(tiny_qwen3_vl, quant="nf4", device="cpu")
-    assert adapter is QWEN3_VL
+    model, _processor, family = vlmtune.load(tiny_qwen3_vl, quant="nf4", device="cpu")
+    assert family is QWEN3_VL
     assert [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)] == L_ALL
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     assert plain == V_ALL + PROJECTORS + ["lm_head"]
-    peft_model = apply_tuning(model, adapter, TuningConfig(vision="frozen"))
+    peft_model = apply_tuning(model, family, TuningConfig(vision="frozen"))
     peft_model.train()
     loss = peft_model(**collate(collator, (single("Read.", "x"), [noise((64, 96))]))).loss
     loss.backward()

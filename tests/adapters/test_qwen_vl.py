@@ -1,4 +1,4 @@
-"""Qwen2.5-VL adapter on the tiny checkpoint.
+"""Qwen2.5-VL family on the tiny checkpoint.
 
 Token-for-token equality with ``Qwen2_5_VLProcessor``, hand-derived label masks, M-RoPE positions against
 the model's own ``get_rope_index``, golden LoRA target lists, real freezing of the vision tower, and QLoRA
@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import vlmtune
-from vlmtune.adapters import detect
-from vlmtune.adapters.qwen_vl import QWEN2_5_VL
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.schema import DataError
+from vlmtune.families import detect
+from vlmtune.families.qwen_vl import QWEN2_5_VL
 from vlmtune.testing import collate, noise, single, turn
 from vlmtune.tuning import TuningConfig, apply_tuning, lora_target_names, trainable_parameter_names
 
@@ -417,8 +417,8 @@ def test_full_vision_keeps_a_frozen_projector_frozen(tiny_qwen):
 def test_qlora_quantizes_exactly_the_language_linears_and_trains(tiny_qwen, collator):
     import bitsandbytes as bnb
 
-    model, processor, adapter = vlmtune.load(tiny_qwen, quant="nf4", device="cpu")
-    assert adapter is QWEN2_5_VL
+    model, processor, family = vlmtune.load(tiny_qwen, quant="nf4", device="cpu")
+    assert family is QWEN2_5_VL
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit == L0_ATTN + L0_MLP + L1_ATTN + L1_MLP
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -427,7 +427,7 @@ def test_qlora_quantizes_exactly_the_language_linears_and_trains(tiny_qwen, coll
         assert model.get_submodule(name).weight.dtype == torch.float32, name
     assert model.model.language_model.layers[0].mlp.up_proj.weight.quant_state.quant_type == "nf4"
 
-    peft_model = apply_tuning(model, adapter, TuningConfig(vision="frozen"))
+    peft_model = apply_tuning(model, family, TuningConfig(vision="frozen"))
     peft_model.train()
     loss = peft_model(**vision_batch(collator)).loss
     loss.backward()

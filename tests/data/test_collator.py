@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-from vlmtune.adapters import detect
 from vlmtune.data.collator import (
     IGNORE_INDEX,
     Collator,
@@ -20,6 +19,7 @@ from vlmtune.data.collator import (
     tokenize,
 )
 from vlmtune.data.schema import DataError
+from vlmtune.families import detect
 
 
 def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:

@@ -6,14 +6,14 @@ import transformers
 from packaging.version import Version
 
 import vlmtune
-from vlmtune.adapters.minicpmv4_6 import keep_packed_samples_apart
 from vlmtune.data.collator import IGNORE_INDEX, Collator
 from vlmtune.data.packing import PackedCollator, image_block_ids, pack_lengths, packed_attention_masks
+from vlmtune.families.minicpmv4_6.family import keep_packed_samples_apart
 from vlmtune.testing import single
 
 QWEN = ["tiny_qwen", "tiny_qwen2_vl", "tiny_qwen3_vl"]
 FAMILIES = [*QWEN, "tiny_gemma", "tiny_minicpmv", "tiny_minicpmv4_6"]
-# Before transformers 5.19 MiniCPM-V 4.6's 16x merger takes views of one size only (the adapter refuses others).
+# Before transformers 5.19 MiniCPM-V 4.6's 16x merger takes views of one size only (the family refuses others).
 MINICPMV4_6_MODE = "16x" if Version(transformers.__version__) >= Version("5.19") else "4x"
 
 # --- pack_lengths -----------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_two_image_sample_between_others(family, rows, tuned):
     # non-default mode travels as a string key, which the packed row must carry too.
     model, collator = tuned(family)
     if family == "tiny_minicpmv4_6":
-        collator = Collator(collator.adapter, collator.processor, model.config, image_options={"downsample_mode": "4x"})
+        collator = Collator(collator.family, collator.processor, model.config, image_options={"downsample_mode": "4x"})
     encoded = [collator.encode(rows[i], i) for i in range(len(rows))]
     sliced = max(range(len(rows)), key=lambda i: len(encoded[i].input_ids))
     two = {
@@ -262,7 +262,7 @@ def test_keep_packed_samples_apart_patches_only_deltanet_layers_and_reverts(tiny
     def patched(model) -> list[str]:
         return [name for name, module in model.named_modules() if "forward" in vars(module)]
 
-    assert patched(vlmtune.load(tiny_minicpmv4_6)[0]) == deltanet  # the adapter's load_model installs it
+    assert patched(vlmtune.load(tiny_minicpmv4_6)[0]) == deltanet  # the family's load_model installs it
     model = AutoModelForImageTextToText.from_pretrained(tiny_minicpmv4_6)
     restore = keep_packed_samples_apart(model)
     assert patched(model) == deltanet

@@ -53,14 +53,14 @@ def family_path(request, tiny_qwen, tiny_gemma):
 
 def _tuned(path, quant="none", **tuning):
     set_seed(0)  # the same LoRA init in every model built from the same arguments
-    model, processor, adapter = vlmtune.load(path, quant=quant, dtype="float32")
-    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(**tuning))
+    model, processor, family = vlmtune.load(path, quant=quant, dtype="float32")
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(**tuning))
     init_lora_b(model, std=0.05, seed_per_matrix=True)  # every LoRA factor then gets a gradient to check
-    return model.train(), processor, adapter
+    return model.train(), processor, family
 
 
-def _batch(model, processor, adapter, rows, n=2):
-    collator = Collator(adapter, processor, model.config, image_options=IMAGE_OPTIONS[adapter.name])
+def _batch(model, processor, family, rows, n=2):
+    collator = Collator(family, processor, model.config, image_options=IMAGE_OPTIONS[family.name])
     batch = collator([{"index": i, "row": rows[i]} for i in range(n)])
     # On a CUDA machine the model loads there (the Trainer would move the batch; a direct call does not).
     device = next((p.device for p in model.parameters() if p.device.type == "cuda"), torch.device("cpu"))
@@ -94,7 +94,7 @@ def _check_on_off_and_revert(model, batch):
     plain, plain_grads = _loss_and_grads(model, batch)
     patch = apply_kernels(model, vlmtune.detect(model.config))
     patched, patched_grads = _loss_and_grads(model, batch)
-    # The modeling module's RoPE function is swapped only while a patched attention runs.
+    # No op writes a module global (RoPE runs in a copy of the attention forward with its own globals).
     assert modeling.apply_rotary_pos_emb is rope_function
     patch.revert()
     reverted, reverted_grads = _loss_and_grads(model, batch)
@@ -127,32 +127,32 @@ def _count_fused_mlp_backwards(monkeypatch, kernel="gated_backward") -> list:
 
 @pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
 def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows, monkeypatch):
-    model, processor, adapter = _tuned(family_path, vision="lora", language="lora")
+    model, processor, family = _tuned(family_path, vision="lora", language="lora")
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
-    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+    patch = _check_on_off_and_revert(model, _batch(model, processor, family, latex_rows))
 
     n_layers = model.config.get_text_config().num_hidden_layers
     # Qwen: input + post-attention norms per layer; Gemma-3: four, plus q_norm and k_norm; both: the final norm.
-    norms_per_layer = {"rms": 2, "rms_gemma": 6}[adapter.norm_kind]
+    norms_per_layer = {"rms": 2, "rms_gemma": 6}[family.norm_kind]
     assert len(patch.patched["rms_norm"]) == norms_per_layer * n_layers + 1
     assert len(patch.patched["rope"]) == len(patch.patched["mlp"]) == n_layers
     assert len(fused_mlp) == n_layers  # LoRA on gate, up and down: each MLP ran as one Function
     lora_layers = [n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
-    vision_lora = [n for n in lora_layers if adapter.tower_of(n) == "vision"]
+    vision_lora = [n for n in lora_layers if family.tower_of(n) == "vision"]
     assert len(vision_lora) > 0 and len(lora_layers) == 7 * n_layers + len(vision_lora)
     assert sorted(patch.patched["lora_linear"]) == sorted(lora_layers) and not patch.skipped
     assert patch.patched["cross_entropy"] == [""]
     # In the vision tower only LoRA layers and Qwen's attention loop over images / windows change.
-    n_vision = model.config.vision_config.depth if adapter.vision_attention_kind else 0
+    n_vision = model.config.vision_config.depth if family.vision_attention_kind else 0
     assert len(patch.patched["vision_attention"]) == n_vision
     patched = [n for op, names in patch.patched.items() if op not in ("vision_attention", "lora_linear") for n in names]
-    assert all(adapter.tower_of(n) == "language" for n in patched if n)
+    assert all(family.tower_of(n) == "language" for n in patched if n)
 
 
 def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows, monkeypatch):
-    model, processor, adapter = _tuned(tiny_qwen, quant="nf4", vision="frozen", language="lora")
+    model, processor, family = _tuned(tiny_qwen, quant="nf4", vision="frozen", language="lora")
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
-    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+    patch = _check_on_off_and_revert(model, _batch(model, processor, family, latex_rows))
     assert len(patch.patched["lora_linear"]) == 14 and not patch.skipped
     assert len(fused_mlp) == 2
 
@@ -163,8 +163,8 @@ def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows, monkeypatch):
 def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows, monkeypatch, ops, adapter_off):
     """Without the lora_linear op, under ``disable_adapter()``, or with a hook on a projection, the MLP runs
     its projections one by one (the activation kernel between them) and gives the same numbers."""
-    model, processor, adapter = _tuned(tiny_qwen, vision="frozen", language="lora")
-    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    model, processor, family = _tuned(tiny_qwen, vision="frozen", language="lora")
+    batch = _batch(model, processor, family, latex_rows, n=1)
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
     fused_forwards = _count_fused_mlp_backwards(monkeypatch, "gated_forward")
     hooked = model.get_base_model().model.language_model.layers[0].mlp.up_proj
@@ -175,7 +175,7 @@ def test_mlp_fuses_only_over_three_kernel_lora_projections(tiny_qwen, latex_rows
     with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         plain, plain_grads = run()
         hook_calls.clear()
-        patch = apply_kernels(model, adapter, ops)
+        patch = apply_kernels(model, family, ops)
         patched, patched_grads = run()
         patch.revert()
     handle.remove()
@@ -196,11 +196,11 @@ def test_frozen_language_mlps_run_fused_and_pass_gradients_to_the_vision_lora(
     tiny_qwen, latex_rows, monkeypatch, quant
 ):
     """Vision LoRA under a frozen language tower: its MLPs have no LoRA, yet backward must cross them."""
-    model, processor, adapter = _tuned(tiny_qwen, quant=quant, vision="lora", language="frozen")
+    model, processor, family = _tuned(tiny_qwen, quant=quant, vision="lora", language="frozen")
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
-    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    batch = _batch(model, processor, family, latex_rows, n=1)
     plain, plain_grads = _loss_and_grads(model, batch)
-    patch = apply_kernels(model, adapter, ("mlp",))
+    patch = apply_kernels(model, family, ("mlp",))
     patched, patched_grads = _loss_and_grads(model, batch)
     patch.revert()
     assert plain_grads and not any("language_model" in n for n in plain_grads)
@@ -211,11 +211,11 @@ def test_frozen_language_mlps_run_fused_and_pass_gradients_to_the_vision_lora(
 
 def test_trained_full_mlps_keep_their_own_projections(tiny_qwen, latex_rows, monkeypatch):
     """language="full" trains the MLP weights themselves: the fused node (no base-weight gradient) must not run."""
-    model, processor, adapter = _tuned(tiny_qwen, vision="lora", language="full")
+    model, processor, family = _tuned(tiny_qwen, vision="lora", language="full")
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
-    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    batch = _batch(model, processor, family, latex_rows, n=1)
     plain, plain_grads = _loss_and_grads(model, batch)
-    patch = apply_kernels(model, adapter, ("mlp", "lora_linear"))
+    patch = apply_kernels(model, family, ("mlp", "lora_linear"))
     patched, patched_grads = _loss_and_grads(model, batch)
     patch.revert()
     assert not fused_mlp and any("mlp.down_proj.weight" in n for n in plain_grads)
@@ -225,20 +225,20 @@ def test_trained_full_mlps_keep_their_own_projections(tiny_qwen, latex_rows, mon
 
 def test_minicpmv_loss_is_fused_in_its_llm(tiny_minicpmv, latex_rows, monkeypatch):
     """MiniCPM-V's forward hands the loss to its ``llm`` (a Qwen2ForCausalLM): that is where the fused loss goes."""
-    model, processor, adapter = _tuned(tiny_minicpmv, vision="frozen", language="lora")
+    model, processor, family = _tuned(tiny_minicpmv, vision="frozen", language="lora")
     fused_mlp = _count_fused_mlp_backwards(monkeypatch)
-    patch = _check_on_off_and_revert(model, _batch(model, processor, adapter, latex_rows))
+    patch = _check_on_off_and_revert(model, _batch(model, processor, family, latex_rows))
     assert patch.patched["cross_entropy"] == ["llm"]
     n_layers = model.config.get_text_config().num_hidden_layers
     assert len(patch.patched["mlp"]) == len(fused_mlp) == n_layers
 
 
 def test_lm_head_in_modules_to_save_trains_through_the_fused_loss(tiny_qwen, latex_rows):
-    model, processor, adapter = _tuned(tiny_qwen, vision="frozen", modules_to_save=["lm_head"])
-    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    model, processor, family = _tuned(tiny_qwen, vision="frozen", modules_to_save=["lm_head"])
+    batch = _batch(model, processor, family, latex_rows, n=1)
     ops = ("cross_entropy",)
     plain, plain_grads = _loss_and_grads(model, batch)
-    patch = apply_kernels(model, adapter, ops)
+    patch = apply_kernels(model, family, ops)
     patched, patched_grads = _loss_and_grads(model, batch)
     patch.revert()
     assert any("lm_head.modules_to_save" in n for n in plain_grads)
@@ -247,8 +247,8 @@ def test_lm_head_in_modules_to_save_trains_through_the_fused_loss(tiny_qwen, lat
 
 
 def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_rows):
-    model, processor, adapter = _tuned(tiny_gemma, vision="frozen", language="lora")
-    batch = _batch(model, processor, adapter, latex_rows)
+    model, processor, family = _tuned(tiny_gemma, vision="frozen", language="lora")
+    batch = _batch(model, processor, family, latex_rows)
     n_items = torch.tensor(97)  # Trainer's count over the whole accumulated batch
     labels = batch["labels"].clone()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -256,7 +256,7 @@ def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_row
         plain = model(**batch)
         plain_summed = model(**batch, num_items_in_batch=n_items)
         plain_logits = model(**inputs).logits
-        patch = apply_kernels(model, adapter, ("cross_entropy",))
+        patch = apply_kernels(model, family, ("cross_entropy",))
         summed = model(**batch, num_items_in_batch=n_items)
         as_tuple = model(**batch, return_dict=False)
         positional = model.get_base_model()(batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"})
@@ -276,15 +276,15 @@ def test_loss_kwargs_and_fallbacks_match_the_plain_forward(tiny_gemma, latex_row
 
 def test_patched_model_generates_the_plain_models_tokens(tiny_qwen, latex_rows, monkeypatch):
     """Decoding runs the fused MLP on one new token at a time under no_grad, with a KV cache."""
-    model, processor, adapter = _tuned(tiny_qwen, vision="lora", language="lora")
+    model, processor, family = _tuned(tiny_qwen, vision="lora", language="lora")
     fused_forwards = _count_fused_mlp_backwards(monkeypatch, "gated_forward")
-    batch = _batch(model, processor, adapter, latex_rows, n=1)
+    batch = _batch(model, processor, family, latex_rows, n=1)
     prompt = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
     kwargs = {"max_new_tokens": 6, "do_sample": False}
     model.eval()
     with torch.no_grad():
         plain = model.generate(**prompt, **kwargs)
-        patch = apply_kernels(model, adapter)
+        patch = apply_kernels(model, family)
         patched = model.generate(**prompt, **kwargs)
         patch.revert()
     assert plain.shape[1] > prompt["input_ids"].shape[1]
@@ -294,16 +294,16 @@ def test_patched_model_generates_the_plain_models_tokens(tiny_qwen, latex_rows, 
 
 
 def test_patched_forward_keeps_the_signature_trainer_and_generate_read(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
+    model, _, family = vlmtune.load(tiny_gemma, dtype="float32")
     before = inspect.signature(model.forward)
-    patch = apply_kernels(model, adapter, ("cross_entropy",))
+    patch = apply_kernels(model, family, ("cross_entropy",))
     assert inspect.signature(model.forward) == before
     patch.revert()
 
 
 def test_lora_layers_keep_peft_path_when_the_kernel_does_not_apply(tiny_qwen):
-    model, _, adapter = _tuned(tiny_qwen, vision="frozen", dropout=0.1)
-    patch = apply_kernels(model, adapter, ("lora_linear",))
+    model, _, family = _tuned(tiny_qwen, vision="frozen", dropout=0.1)
+    patch = apply_kernels(model, family, ("lora_linear",))
     assert not patch.patched["lora_linear"]
     assert len(patch.skipped) == 14 and set(patch.skipped.values()) == {"lora_dropout > 0"}
     assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, LoraLayer))
@@ -319,7 +319,7 @@ def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma, device):
     text_config.final_logit_softcapping = 2.0
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(text_config).to(device).train()
-    adapter = dataclasses.replace(
+    family = dataclasses.replace(
         vlmtune.detect(AutoConfig.from_pretrained(tiny_gemma)),
         towers={"vision": (), "projector": (), "language": ("model", "lm_head")},
     )
@@ -329,7 +329,7 @@ def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma, device):
     labels[:, :4] = -100
     batch = {"input_ids": input_ids, "labels": labels}
     plain, plain_grads = _loss_and_grads(model, batch)
-    patch = apply_kernels(model, adapter, ("rms_norm", "rope", "mlp", "cross_entropy"))
+    patch = apply_kernels(model, family, ("rms_norm", "rope", "mlp", "cross_entropy"))
     patched, patched_grads = _loss_and_grads(model, batch)
     patch.revert()
     torch.testing.assert_close(patched.loss, plain.loss, rtol=LOSS_RTOL, atol=0)
@@ -339,7 +339,7 @@ def test_softcap_matches_gemma3_for_causal_lm(tiny_gemma, device):
 def test_rope_outside_the_kernel_shapes_falls_back_to_transformers():
     from transformers.models.gemma3 import modeling_gemma3
 
-    from vlmtune.kernels.patch import _rope_or_fallback
+    from vlmtune.kernels.hf.rope import _rope_or_fallback
     from vlmtune.kernels.rope import apply_rope
 
     g = torch.Generator().manual_seed(0)
@@ -352,25 +352,25 @@ def test_rope_outside_the_kernel_shapes_falls_back_to_transformers():
 
 
 def test_deep_copy_of_a_patched_model_is_patched_on_its_own(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
-    patch = apply_kernels(model, adapter, ("rms_norm", "mlp"))
+    model, _, family = vlmtune.load(tiny_gemma, dtype="float32")
+    patch = apply_kernels(model, family, ("rms_norm", "mlp"))
     clone = copy.deepcopy(model)
     patch.revert()
     mlp = clone.model.language_model.layers[0].mlp
-    assert mlp.forward.__self__ is mlp and mlp._vlmtune_kernel.inner.__self__ is mlp
+    assert mlp.forward.module is mlp and mlp._vlmtune_kernel.inner.__self__ is mlp
     assert "forward" not in model.model.language_model.layers[0].mlp.__dict__
 
 
 def test_refuses_unknown_ops_and_double_patching(tiny_gemma):
-    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32")
+    model, _, family = vlmtune.load(tiny_gemma, dtype="float32")
     with pytest.raises(ValueError, match="unknown kernel op"):
-        apply_kernels(model, adapter, ("rms_norm", "flash_attention"))
-    patch = apply_kernels(model, adapter, ("mlp",))
+        apply_kernels(model, family, ("rms_norm", "flash_attention"))
+    patch = apply_kernels(model, family, ("mlp",))
     with pytest.raises(ValueError, match="already applied"):
-        apply_kernels(model, adapter, ALL_OPS)
+        apply_kernels(model, family, ALL_OPS)
     patch.revert()
     patch.revert()  # idempotent
-    apply_kernels(model, adapter, ("mlp",)).revert()
+    apply_kernels(model, family, ("mlp",)).revert()
 
 
 def test_kernels_available_needs_cuda_or_the_interpreter(monkeypatch):
@@ -382,12 +382,12 @@ def test_kernels_available_needs_cuda_or_the_interpreter(monkeypatch):
 
 
 def test_a_model_off_cuda_is_refused_without_the_interpreter(tiny_gemma, monkeypatch):
-    model, _, adapter = vlmtune.load(tiny_gemma, dtype="float32", device="cpu")
+    model, _, family = vlmtune.load(tiny_gemma, dtype="float32", device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, the model left on its CPU
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert kernels_available() and not kernels_run_on(model)
     with pytest.raises(RuntimeError, match="the model is on cpu.*model.cuda"):
-        apply_kernels(model, adapter, ("mlp",))
+        apply_kernels(model, family, ("mlp",))
     assert not any("forward" in m.__dict__ for m in model.modules())
     # train()'s default follows the model, not the machine
     assert not use_kernels(vlmtune.TrainConfig(output_dir="unused"), model)
@@ -396,21 +396,21 @@ def test_a_model_off_cuda_is_refused_without_the_interpreter(tiny_gemma, monkeyp
 
 def _train_losses(path, rows, tmp_path, kernels, steps):
     set_seed(0)
-    model, processor, adapter = vlmtune.load(path, dtype="float32")
+    model, processor, family = vlmtune.load(path, dtype="float32")
     # Checkpointing off: the recomputation would run every interpreted kernel twice. The checks above run
     # with it on (apply_tuning's default).
     tuning = vlmtune.TuningConfig(vision="frozen", language="lora", gradient_checkpointing=False)
-    model = vlmtune.apply_tuning(model, adapter, tuning)
+    model = vlmtune.apply_tuning(model, family, tuning)
     config = vlmtune.TrainConfig(
         output_dir=str(tmp_path / f"kernels_{kernels}"),
         max_steps=steps,
         batch_size=2,
         lr=5e-3,
         logging_steps=1,
-        image_options=IMAGE_OPTIONS[adapter.name],
+        image_options=IMAGE_OPTIONS[family.name],
         kernels=kernels,  # train() applies apply_kernels after tuning and reverts after training
     )
-    return vlmtune.train(model, processor, adapter, rows, config, tuning).losses
+    return vlmtune.train(model, processor, family, rows, config, tuning).losses
 
 
 def _check_training(path, rows, tmp_path, steps):
@@ -429,3 +429,25 @@ def test_five_training_steps_kernels_on_equal_off(tiny_qwen, latex_rows, tmp_pat
 @pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
 def test_thirty_training_steps_kernels_on_equal_off(family_path, latex_rows, tmp_path):
     _check_training(family_path, latex_rows, tmp_path, steps=30)
+
+
+@pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
+def test_rope_runs_the_kernel_without_touching_the_modeling_global(family_path, latex_rows, monkeypatch):
+    from vlmtune.kernels import rope as rope_kernels
+
+    calls = []
+    real = rope_kernels.apply_rope
+    monkeypatch.setattr(rope_kernels, "apply_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, processor, family = _tuned(family_path, vision="frozen", language="lora")
+    batch = _batch(model, processor, family, latex_rows)
+    modeling = sys.modules[type(model.get_base_model().get_decoder()).__module__]
+    original = modeling.apply_rotary_pos_emb
+    seen = []  # the global as o_proj runs, i.e. after the attention rotated q / k
+    layer = model.get_base_model().get_decoder().layers[0]
+    layer.self_attn.o_proj.register_forward_pre_hook(lambda *_: seen.append(modeling.apply_rotary_pos_emb))
+    patch = apply_kernels(model, family, ("rope",))
+    model(**batch).loss.backward()
+    patch.revert()
+    assert len(patch.patched["rope"]) == model.config.get_text_config().num_hidden_layers
+    assert calls and seen and all(function is original for function in seen)
+    assert modeling.apply_rotary_pos_emb is original

@@ -101,11 +101,11 @@ def qwen_family(request, tiny_checkpoint):
 
 def test_patched_vision_tower_matches_the_loop(qwen_family):
     set_seed(0)
-    model, processor, adapter = vlmtune.load(qwen_family, dtype="float32")
-    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="lora", language="frozen"))
+    model, processor, family = vlmtune.load(qwen_family, dtype="float32")
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="lora", language="frozen"))
     init_lora_b(model, std=0.05, seed_per_matrix=True)  # every LoRA factor then gets a gradient
     model.train()
-    collator = Collator(adapter, processor, model.config)
+    collator = Collator(family, processor, model.config)
     # 112x84 px: 8x6 patches, 4x3 merged; Qwen2.5-VL's 56 px windows cut that into 2x2 and 2x1 windows, so the
     # windowed blocks see sequences of two lengths, and the two images differ in size for the full blocks.
     batch = collate(
@@ -120,14 +120,14 @@ def test_patched_vision_tower_matches_the_loop(qwen_family):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain_loss, plain_grads = loss_and_grads()
-    patch = apply_kernels(model, adapter, ("vision_attention",))
+    patch = apply_kernels(model, family, ("vision_attention",))
     patched_loss, patched_grads = loss_and_grads()
     patch.revert()
 
     depth = model.config.vision_config.depth
     assert len(patch.patched["vision_attention"]) == depth
     assert all(
-        name.endswith(".attn") and adapter.tower_of(name) == "vision" for name in patch.patched["vision_attention"]
+        name.endswith(".attn") and family.tower_of(name) == "vision" for name in patch.patched["vision_attention"]
     )
     torch.testing.assert_close(patched_loss, plain_loss, rtol=1e-6, atol=0)
     assert plain_grads.keys() == patched_grads.keys() and any(".visual." in n for n in plain_grads)

@@ -11,15 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vlmtune.models.minicpmv import (
-    MiniCPMV,
-    MiniCPMVConfig,
-    navit_position_ids,
-    register,
-    sincos_2d,
-    tiny_minicpmv_config,
-)
-from vlmtune.models.minicpmv_image import MiniCPMVImageTokens, image_bound, process_image
+from vlmtune.families.minicpmv.configuration import MiniCPMVConfig
+from vlmtune.families.minicpmv.image import MiniCPMVImageTokens, image_bound, process_image
+from vlmtune.families.minicpmv.modeling import MiniCPMV, navit_position_ids, register, sincos_2d
+from vlmtune.families.minicpmv.tiny import tiny_minicpmv_config
 
 # Normalised (layer index → N) keys of the published openbmb/MiniCPM-V-4_5 model.safetensors.index.json.
 RELEASED_4_5_KEYS = {

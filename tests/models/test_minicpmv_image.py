@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmtune.models.minicpmv_image import (
+from vlmtune.families.minicpmv.image import (
     MiniCPMVImageTokens,
     find_best_grid,
     image_bound,

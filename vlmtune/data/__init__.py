@@ -1,1 +1,1 @@
-"""Dataset builders and helpers shared by recipes and adapters."""
+"""Dataset builders and helpers shared by recipes and families."""

@@ -1,6 +1,6 @@
 """From canonical rows to model tensors: chat template, image expansion, labels, padding.
 
-Shared by every family; the adapter supplies image processing, the placeholder expansion and the extra
+Shared by every family; the family's descriptor supplies image processing, the placeholder expansion and the extra
 batch keys. Labels cover assistant turns only (their text and the end-of-turn token, not the newline the
 template writes after it); prompt, image and pad positions are -100. Labels are placed by character spans: the
 conversation is rendered with the chat template, the span of each assistant turn is found by rendering the
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from vlmtune.adapters.base import Adapter, ImageBatch, validate_image_options
 from vlmtune.data.schema import DataError, decoded_messages, load_image, validate_row
+from vlmtune.families.base import Family, ImageBatch, validate_image_options
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +140,17 @@ class Collator:
     """Encode canonical rows for one family and pad them into a batch.
 
     Args:
-        adapter: the family's adapter (``vlmtune.adapters.detect(model.config)``).
+        family: the model's family descriptor (``vlmtune.families.detect(model.config)``).
         processor: the family's processor (tokenizer + image processor + chat template).
         model_config: the model's config (image token ids, merge size ...).
         max_length: longest sample in tokens, images included.
-        image_options: family image options (see the adapter's ``image_options``), e.g. ``max_pixels``.
+        image_options: family image options (see the family's ``image_options``), e.g. ``max_pixels``.
         train_on: ``"assistant"`` (labels on assistant turns only) or ``"all"`` (every text token).
     """
 
     def __init__(
         self,
-        adapter: Adapter,
+        family: Family,
         processor,
         model_config,
         max_length: int = 2048,
@@ -161,9 +161,9 @@ class Collator:
             raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        self.adapter, self.processor, self.model_config = adapter, processor, model_config
+        self.family, self.processor, self.model_config = family, processor, model_config
         self.max_length, self.train_on = max_length, train_on
-        self.image_options = validate_image_options(adapter, image_options or {})
+        self.image_options = validate_image_options(family, image_options or {})
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -174,16 +174,16 @@ class Collator:
         validate_row(row, index)
         images = [load_image(source, index) for source in row.get("images") or []]
         try:
-            batch = self.adapter.process_images(self.processor, images, self.image_options) if images else None
+            batch = self.family.process_images(self.processor, images, self.image_options) if images else None
         except (ValueError, RuntimeError) as err:
             raise DataError(index, f"the image processor rejected an image ({err})", kind="image rejected") from err
         batch = batch or ImageBatch()
         text, spans = render_with_spans(self.processor, decoded_messages(row["messages"], index), index)
-        expansions = [self.adapter.expand_image(self.processor, batch, i) for i in range(len(images))]
-        text, spans = expand_images(text, spans, self.adapter.image_placeholder, expansions, index)
+        expansions = [self.family.expand_image(self.processor, batch, i) for i in range(len(images))]
+        text, spans = expand_images(text, spans, self.family.image_placeholder, expansions, index)
         literal = [
             (start, end)
-            for start, end in answer_regions(text, spans, self.adapter.end_of_turn)
+            for start, end in answer_regions(text, spans, self.family.end_of_turn)
             if any(token in text[start:end] for token in self.special_strings)
         ]
         input_ids, offsets = tokenize(self.processor.tokenizer, text, literal)
@@ -252,7 +252,7 @@ class Collator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         images = ImageBatch.cat([e.images for e in encoded])
         batch.update(images.tensors)
-        batch.update(self.adapter.batch_extras(batch, images, self.processor, self.model_config))
+        batch.update(self.family.batch_extras(batch, images, self.processor, self.model_config))
         return batch
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

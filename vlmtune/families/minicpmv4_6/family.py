@@ -14,8 +14,8 @@ vision tower (``vit_merger``) and once in ``merger``, so a view of ``h x w`` pat
 MLP); the language tower is Qwen3.5, whose layers alternate Gated DeltaNet linear attention
 (``linear_attn.in_proj_qkv`` / ``in_proj_z`` / ``out_proj``) and full attention (``self_attn.q/k/v/o_proj``).
 
-Packed rows (:mod:`vlmtune.data.packing`): a DeltaNet layer carries a causal conv window and a recurrent state
-along the whole row, which no attention mask can cut. transformers passes the packed boundaries on as
+Packed rows (:mod:`vlmtune.data.packing`, :func:`pack_row`): a DeltaNet layer carries a causal conv window and a
+recurrent state along the whole row, which no attention mask can cut. transformers passes the packed boundaries on as
 ``cu_seq_lens_q``, but its reference PyTorch path ignores them (5.17) or refuses them without
 ``flash-linear-attention`` (5.23), and even with it the conv window reads across a boundary (``causal_conv1d_fn``
 takes no ``cu_seqlens``). So :func:`load_model` gives every DeltaNet layer a forward that, when ``cu_seq_lens_q``
@@ -25,9 +25,7 @@ runs as before. The cost is one DeltaNet call per sample (its chunked scan pads 
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,10 @@ import torch
 import transformers
 from packaging.version import Version
 
-from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+from vlmtune.data.positions import text_positions
+from vlmtune.families.base import Family, ImageBatch, LoraTargets
+from vlmtune.families.minicpmv4_6.tiny import build_minicpmv4_6
+from vlmtune.patching import swap_forward, swap_of
 
 DOWNSAMPLE_MODES = ("16x", "4x")
 _PROCESSOR_OPTIONS = ("max_slice_nums", "scale_resolution", "slice_mode", "downsample_mode")
@@ -118,19 +119,11 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
 
 
 _PACKED = "_vlmtune_packed"
-_MISSING = object()
-
-
-@dataclass
-class _PerSample:
-    """Stored on a patched DeltaNet layer (so ``copy.deepcopy`` re-binds it): the forward it had before."""
-
-    inner: Callable
 
 
 def _per_sample_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
     """The layer's own forward, run once per packed sample when ``cu_seq_lens_q`` ``(n + 1,)`` marks them."""
-    inner = getattr(self, _PACKED).inner
+    inner = swap_of(self, _PACKED).inner
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is None:
         return inner(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
@@ -155,23 +148,14 @@ def keep_packed_samples_apart(model: torch.nn.Module) -> Callable[[], None]:
     Returns:
         A function restoring the forwards the layers had before (the same objects).
     """
-    restores = []
+    undos = []
     for name, module in model.named_modules():
-        if not name.endswith(".linear_attn") or MINICPMV4_6.tower_of(name) != "language" or _PACKED in vars(module):
-            continue
-        saved = vars(module).get("forward", _MISSING)
-        setattr(module, _PACKED, _PerSample(inner=module.forward))
-        module.forward = types.MethodType(_per_sample_forward, module)
-        restores.append((module, saved))
+        if name.endswith(".linear_attn") and MINICPMV4_6.tower_of(name) == "language" and not swap_of(module, _PACKED):
+            undos.append(swap_forward(module, _PACKED, _per_sample_forward))
 
     def restore() -> None:
-        for module, saved in restores:
-            delattr(module, _PACKED)
-            if saved is _MISSING:
-                delattr(module, "forward")
-            else:
-                module.forward = saved
-        restores.clear()
+        while undos:
+            undos.pop()()
 
     return restore
 
@@ -192,10 +176,30 @@ def load_processor(path: str | Path):
     return AutoProcessor.from_pretrained(path)
 
 
+def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn_implementation: str) -> dict:
+    """Packed rows: no ``attention_mask``; ``position_ids`` ``(1, T)`` restarting per sample (the text row of
+    Qwen3.5's 4-row positions, for its full-attention layers), and the sample boundaries under transformers'
+    flash-attention names (``cu_seq_lens_q`` ...), which the DeltaNet layers need (see the module docstring) and
+    ``flash_attention_2`` takes its varlen path from.
+
+    :func:`batch_extras` runs on the packed row: on transformers < 5.19 in ``16x`` mode the whole row's views must
+    share one size.
+    """
+    extras = batch_extras(batch, images, collator.processor, collator.model_config)
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    flash = {
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+    return {**extras, "position_ids": text_positions(lengths)[None], "attention_mask": None, **flash}
+
+
 _VISION = r"model\.vision_tower\.encoder\.layers\.(\d+)"
 _LANGUAGE = r"model\.language_model\.layers\.(\d+)"
 
-MINICPMV4_6 = Adapter(
+MINICPMV4_6 = Family(
     name="minicpmv4_6",
     model_types=("minicpmv4_6",),
     towers={
@@ -236,4 +240,6 @@ MINICPMV4_6 = Adapter(
     },
     load_model=load_model,
     load_processor=load_processor,
+    pack=pack_row,
+    tiny={"minicpmv4_6": build_minicpmv4_6},
 )

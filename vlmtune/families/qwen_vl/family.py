@@ -4,11 +4,11 @@ Images are resized by the family's own image processor to multiples of ``patch_s
 Qwen2/2.5-VL, 32 for Qwen3-VL) between ``min_pixels`` and ``max_pixels`` (aspect ratio capped at 200), cut
 into flat patches (14x14x2 or 16x16x2), and described by ``image_grid_thw``. Each image becomes
 ``grid_thw.prod() / 4`` ``<|image_pad|>`` tokens between ``<|vision_start|>`` and ``<|vision_end|>``. The
-language tower uses 3-D M-RoPE positions, which this adapter computes itself from the padded batch
+language tower uses 3-D M-RoPE positions, which this family computes itself from the padded batch
 (transformers 5.x only builds them when ``mm_token_type_ids`` is passed, and silently falls back to 1-D
 positions otherwise).
 
-Qwen2-VL and Qwen2.5-VL share one adapter: they differ only in the vision MLP's names (``fc1``/``fc2`` against
+Qwen2-VL and Qwen2.5-VL share one descriptor: they differ only in the vision MLP's names (``fc1``/``fc2`` against
 ``gate_proj``/``up_proj``/``down_proj``), and both sets are anchored under ``model.visual.blocks``. Qwen3-VL has
 its own: its vision MLP is ``linear_fc1``/``linear_fc2``, its projector is the final ``merger`` plus the
 DeepStack mergers (``deepstack_merger_list``) that feed intermediate vision features into the first text
@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+from vlmtune.data.positions import text_positions
+from vlmtune.families.base import Family, ImageBatch, LoraTargets
+from vlmtune.families.qwen_vl.tiny import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 
 def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
@@ -106,10 +108,22 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
     return extras
 
 
+def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn_implementation: str) -> dict:
+    """Packed rows: no ``attention_mask``, and ``position_ids`` ``(4, 1, T)``: the text positions restarting per
+    sample, then each sample's M-RoPE positions computed on that sample alone.
+
+    ``Qwen2_5_VLTextModel.forward`` (and Qwen2-VL's and Qwen3-VL's) reads a 4-row tensor as "packed, text positions
+    first" and hands row 0 to ``create_causal_mask``, whose ``find_packed_sequence_indices`` turns each restart
+    into a new sequence (transformers >= 4.54).
+    """
+    text = text_positions(lengths).view(1, 1, -1)
+    return {"position_ids": torch.cat([text, batch["position_ids"]], dim=0), "attention_mask": None}
+
+
 _LANGUAGE = r"model\.language_model\.layers\.(\d+)"
 _VISION = r"model\.visual\.blocks\.(\d+)"
 
-QWEN2_5_VL = Adapter(
+QWEN2_5_VL = Family(
     name="qwen2_5_vl",
     model_types=("qwen2_vl", "qwen2_5_vl"),
     towers={
@@ -136,9 +150,11 @@ QWEN2_5_VL = Adapter(
     rope_kind="mrope",
     vision_attention_kind="cu_seqlens",
     image_options={"min_pixels": None, "max_pixels": None},
+    pack=pack_row,
+    tiny={"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl},
 )
 
-QWEN3_VL = Adapter(
+QWEN3_VL = Family(
     name="qwen3_vl",
     model_types=("qwen3_vl",),
     towers={
@@ -168,4 +184,6 @@ QWEN3_VL = Adapter(
     rope_kind="mrope",
     vision_attention_kind="cu_seqlens",
     image_options={"min_pixels": None, "max_pixels": None},
+    pack=pack_row,
+    tiny={"qwen3_vl": build_qwen3_vl},
 )

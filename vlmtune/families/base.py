@@ -1,9 +1,11 @@
-"""The adapter protocol: what vlmtune needs to know about one model family.
+"""The family protocol: what vlmtune needs to know about one model family.
 
-An adapter is data plus a few small functions, not a subclass tree. Each family file builds one or more
-:class:`Adapter` instances and registers them by ``model_type`` in ``vlmtune/adapters/__init__.py``.
+A family is data plus a few small functions, not a subclass tree. Each family folder
+(``vlmtune/families/<family>/``) builds one or more :class:`Family` descriptors, and ``vlmtune/families/__init__.py``
+registers them by ``model_type``. Shared code (collator, packing, tuning, kernels) asks the descriptor and never
+names a family.
 
-The data path calls an adapter in this order for one conversation:
+The data path calls a family in this order for one conversation:
 
 1. ``process_images(processor, images, options)`` → :class:`ImageBatch` (pixel tensors + per-image token
    counts), using the family's own image processor wherever transformers has one;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,12 +100,12 @@ class LoraTargets:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class Family:
     """Everything vlmtune knows about one model family.
 
     Attributes:
-        name: family name used in logs and the tiny registry (``"qwen2_5_vl"``).
-        model_types: the ``config.model_type`` values this adapter serves.
+        name: family name used in logs (``"qwen2_5_vl"``).
+        model_types: the ``config.model_type`` values this family serves.
         towers: module-name prefixes per tower: ``{"vision": (...), "projector": (...), "language": (...)}``.
         lora_targets: where LoRA may go, by tower and kind (see :class:`LoraTargets`).
         image_placeholder: the string the chat template writes for one image.
@@ -122,6 +125,13 @@ class Adapter:
             4.x) or a forward to install after loading (MiniCPM-V 4.6's per-sample DeltaNet for packed rows).
         load_processor: optional ``(path) -> processor`` for layouts ``AutoProcessor`` cannot read; ``None``
             uses ``AutoProcessor``.
+        pack: how attention stays inside each sample of a padding-free packed row (:mod:`vlmtune.data.packing`):
+            ``(batch, images, lengths, collator, attn_implementation) -> dict`` of keys replacing or adding to
+            those of the concatenated batch (``position_ids``, ``attention_mask`` ...). It must also supply every
+            non-tensor key of the per-sample batches (``image_bound``, ``downsample_mode``), which do not
+            concatenate. ``None``: the family does not support packing.
+        tiny: the builders of the family's tiny random checkpoints, one per ``model_type``
+            (``(out_folder) -> None``; see :mod:`vlmtune.tiny`).
     """
 
     name: str
@@ -141,6 +151,8 @@ class Adapter:
     image_options: Mapping[str, Any] = field(default_factory=dict)
     load_model: Callable[..., Any] | None = None
     load_processor: Callable[..., Any] | None = None
+    pack: Callable[..., dict[str, Any]] | None = None
+    tiny: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""
@@ -153,18 +165,16 @@ class Adapter:
         return best
 
     def lora_module_names(self, module_names: list[str], tower: str, kind: str) -> list[str]:
-        """The names in ``module_names`` that the adapter tags as ``tower`` / ``kind`` LoRA targets."""
+        """The names in ``module_names`` that the family tags as ``tower`` / ``kind`` LoRA targets."""
         regex = re.compile(self.lora_targets.pattern(tower, kind))
         return [n for n in module_names if regex.fullmatch(n) and self.tower_of(n) == tower]
 
 
-def validate_image_options(adapter: Adapter, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge the user's image options over the adapter's defaults; unknown keys raise naming the valid ones."""
-    unknown = sorted(set(options) - set(adapter.image_options))
+def validate_image_options(family: Family, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge the user's image options over the family's defaults; unknown keys raise naming the valid ones."""
+    unknown = sorted(set(options) - set(family.image_options))
     if unknown:
-        raise ValueError(
-            f"unknown image option(s) {unknown} for {adapter.name}; valid: {sorted(adapter.image_options)}"
-        )
-    merged = dict(adapter.image_options)
+        raise ValueError(f"unknown image option(s) {unknown} for {family.name}; valid: {sorted(family.image_options)}")
+    merged = dict(family.image_options)
     merged.update({k: v for k, v in options.items() if v is not None})
     return merged

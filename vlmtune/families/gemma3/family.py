@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from vlmtune.adapters.base import Adapter, ImageBatch, LoraTargets
+from vlmtune.data.positions import packed_attention_masks, packed_sequence_ids, text_positions
+from vlmtune.families.base import Family, ImageBatch, LoraTargets
+from vlmtune.families.gemma3.tiny import build_gemma3
 
 
 def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
@@ -48,11 +50,35 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
     return {"token_type_ids": (batch["input_ids"] == model_config.image_token_index).long()}
 
 
+def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn_implementation: str) -> dict:
+    """Packed rows: ``attention_mask`` is a dict ``{"full_attention": mask, "sliding_attention": mask}`` of 4-D
+    masks built here, which ``Gemma3Model.forward`` passes through unchanged ("may already have been prepared").
+
+    transformers' own packed path is wrong for the sliding layers: it composes
+    ``blockwise_overlay(block_sequence_ids)`` as an ``or_mask_function``, and the packed remap then feeds that
+    overlay per-sample positions instead of row indices, so image bidirectionality lands on the wrong tokens
+    (checked in 5.23's ``create_masks_for_vision_model``). The masks cost ``T * T`` booleans (``float32`` for
+    eager) per layer type: 64 MiB at T = 8192 in bool.
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"packing Gemma-3 needs attn_implementation 'sdpa' or 'eager', got {attn_implementation!r}")
+    positions = text_positions(lengths)
+    text_config = collator.model_config.get_text_config()
+    masks = packed_attention_masks(
+        packed_sequence_ids(lengths),
+        positions,
+        batch["token_type_ids"][0].bool(),
+        getattr(text_config, "sliding_window", None),
+        attn_implementation,
+    )
+    return {"position_ids": positions[None], "attention_mask": masks}
+
+
 _LANGUAGE = r"model\.language_model\.layers\.(\d+)"
 # transformers < 5.x nests SigLIP's encoder one level deeper (vision_tower.vision_model.encoder).
 _VISION = r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)"
 
-GEMMA3 = Adapter(
+GEMMA3 = Family(
     name="gemma3",
     model_types=("gemma3",),
     towers={
@@ -83,4 +109,6 @@ GEMMA3 = Adapter(
         "pan_and_scan_max_num_crops": None,
         "pan_and_scan_min_ratio_to_activate": None,
     },
+    pack=pack_row,
+    tiny={"gemma3": build_gemma3},
 )

@@ -1,0 +1,52 @@
+"""Positions and attention masks of padding-free packed rows, for the families' packing rules.
+
+A packed row holds several samples one after another (:mod:`vlmtune.data.packing`); each family's ``pack``
+function (its descriptor) uses these to keep attention inside each sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_sequence_ids(lengths: list[int]) -> torch.Tensor:
+    """``(T,)`` index of the sample each token of a packed row belongs to."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def text_positions(lengths: list[int]) -> torch.Tensor:
+    """``(T,)`` positions restarting at 0 with every sample."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def image_block_ids(image_tokens: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` one id per run of image tokens (an image), -1 on text; as Gemma-3's ``token_type_ids`` blocks."""
+    starts = image_tokens & ~torch.nn.functional.pad(image_tokens, (1, 0))[:-1]
+    return torch.where(image_tokens, starts.long().cumsum(0) - 1, -1)
+
+
+def packed_attention_masks(
+    sequence_ids: torch.Tensor,
+    positions: torch.Tensor,
+    image_tokens: torch.Tensor,
+    sliding_window: int | None,
+    attn_implementation: str,
+) -> dict[str, torch.Tensor]:
+    """4-D masks ``(1, 1, T, T)`` for a packed row, per layer type, as Gemma-3 composes them unpacked.
+
+    ``full_attention``: same sample and (causal or same image); ``sliding_attention``: that and the key within
+    ``sliding_window`` positions (transformers 5.x: AND(sliding window, OR(causal, blockwise))). Boolean
+    (True attends) for SDPA, additive ``float32`` (0 or the dtype's minimum) for eager attention.
+    """
+    same_sample = sequence_ids[:, None] == sequence_ids[None, :]
+    blocks = image_block_ids(image_tokens)
+    same_image = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    causal = positions[None, :] <= positions[:, None]
+    masks = {"full_attention": same_sample & (causal | same_image)}
+    if sliding_window is not None:
+        in_window = positions[None, :] > positions[:, None] - sliding_window
+        masks["sliding_attention"] = masks["full_attention"] & in_window
+    if attn_implementation == "eager":
+        low = torch.finfo(torch.float32).min
+        return {k: torch.zeros(m.shape).masked_fill(~m, low)[None, None] for k, m in masks.items()}
+    return {k: m[None, None] for k, m in masks.items()}
