@@ -2,7 +2,7 @@
 
 ``family`` is the descriptor; ``processing`` the processor transformers lacks for this layout; ``image`` its
 slicing and placeholders; ``configuration`` and ``modeling`` the native model class (no ``trust_remote_code``);
-``tiny`` the tiny checkpoint builder.
+``vision`` its vision encoder and resampler; ``tiny`` the tiny checkpoint builder.
 """
 
 from vlmtune.families.minicpmv.family import MINICPMV
