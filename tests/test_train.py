@@ -75,6 +75,24 @@ def test_tower_learning_rates_make_optimizer_groups(tiny_qwen):
     assert names and all(".visual.blocks." in n and ".lora_" in n for n in names)
 
 
+def test_train_uses_the_tower_learning_rates_the_model_was_built_with(tiny_qwen, latex_data, tmp_path, monkeypatch):
+    model, processor, adapter, tuning = _tune(tiny_qwen, vision="lora", vision_lr=1e-5, language_lr=3e-4)
+    assert vlmtune.tuning.tuning_of(model) is tuning
+    seen = {}
+    real = vlmtune.train.__globals__["make_optimizer"]
+
+    def recording(model, adapter, tuning, config):
+        optimizer = real(model, adapter, tuning, config)
+        seen.update({g["name"]: g["lr"] for g in optimizer.param_groups})
+        return optimizer
+
+    monkeypatch.setitem(vlmtune.train.__globals__, "make_optimizer", recording)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    config = vlmtune.TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2, lr=1e-4)
+    vlmtune.train(model, processor, adapter, rows, config)  # no tuning passed: the model's own
+    assert seen == {"vision": 1e-5, "language": 3e-4}
+
+
 def test_optimizer_state_only_for_trainable_parameters(tiny_gemma, latex_data, tmp_path):
     model, processor, adapter, tuning = _tune(tiny_gemma, vision="frozen", language="lora", mlp=False)
     optimizer = make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-3))
