@@ -1,16 +1,16 @@
-"""What ``benchmarks/train_step.py`` measures: the models (random checkpoints of real size) and the configurations
-(how each stack sets a model up); the batches are ``train_step_batches.py``'s. Imports no torch at module level,
-so the driver stays light; the work happens in its child processes.
+"""What ``python -m benchmarks.train_step`` measures: the models (random checkpoints of real size) and the
+configurations (how each stack sets a model up); the batches are ``batches.py``'s. Imports no torch at module
+level, so the driver stays light; the work happens in its child processes.
 
 A real-size checkpoint is a random model built from the family's published config (dimensions below; built by
-``train_step_checkpoints.py``), saved once per machine with a processor, so every configuration loads it the way
+``checkpoints.py``), saved once per machine with a processor, so every configuration loads it the way
 a user loads a download (``from_pretrained``, with a bitsandbytes config for QLoRA). The tokenizer and chat
 template are ``vlmtune.tiny``'s (the family's real special tokens, a small BPE vocabulary): token ids only matter
 for shapes, and the model's embedding keeps the real vocabulary size, so the embedding, ``lm_head`` and loss cost
 what they cost on the released model. The image processor is the family's real one at its real settings.
 
 Batches are made once, before any configuration runs, and every configuration trains on the same tensors
-(the packed configurations on the same samples, packed: ``train_step_batches.py``).
+(the packed configurations on the same samples, packed: ``batches.py``).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class BenchConfig:
         lora_dtype: vlmtune's ``TuningConfig.lora_dtype`` (``"float32"`` or ``"compute"``).
         vision_micro_batch: vlmtune's ``TuningConfig.vision_micro_batch`` (images per vision-tower pass).
         packed: train on each step's samples packed into one padding-free row (``vlmtune.data.packing``) instead
-            of the padded batch; real shape only (``train_step_batches.build_steps`` says why this is the
+            of the padded batch; real shape only (``batches.build_steps`` says why this is the
             like-for-like comparison).
         summary: one line for BENCHMARKS.md.
     """
@@ -396,7 +396,7 @@ VISION_MODES = ("lora", "frozen")
 
 @dataclass(frozen=True)
 class Suite:
-    """A fixed set of runs of one model in one call of ``train_step.py --suite NAME``.
+    """A fixed set of runs of one model in one call of ``python -m benchmarks.train_step --suite NAME``.
 
     Attributes:
         configs: the configurations, in the order they run (the ones that matter most first: a spent

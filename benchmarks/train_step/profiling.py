@@ -1,7 +1,7 @@
 """Where one training step's time goes: one step under ``torch.profiler``, split by part of the model and by
 kernel kind.
 
-``train_step.py --profile`` has ``train_step_worker.py`` call :func:`profile_step` once, after a configuration's
+``python -m benchmarks.train_step --profile`` has ``worker.py`` call :func:`profile_step` once, after a configuration's
 timed steps: the hooks and synchronisations below exist only for that extra step and are removed after it, so
 the timed figures are those of the plain loop.
 
@@ -19,8 +19,8 @@ inside it (Qwen-VL's merger), ``rest of forward`` is the model forward outside t
 
 Device time: on CUDA, the profiler's kernels and memcpy / memset (``KERNEL_KINDS`` sorts them by name), each
 attributed to the innermost range its start falls in; their sum is "GPU busy", to compare with the step's wall
-time (issue 6: "GPU busy only 1.11 s of 4.07 s wall"). On the CPU the same tables count the operators' self
-time instead, so the harness runs anywhere; those figures only check the plumbing.
+time (a step whose GPU is busy for a fraction of its wall time is host-bound). On the CPU the same tables count
+the operators' self time instead, so the harness runs anywhere; those figures only check the plumbing.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def summarise(events, cuda: bool, calls: dict[str, int] | None = None) -> dict[s
 def profile_step(model: torch.nn.Module, adapter, device: str, run_step: Callable[[StepRanges], float]) -> dict:
     """Run ``run_step(ranges)`` once under ``torch.profiler`` with the tower hooks in place; the summary.
 
-    ``run_step`` is the loop's own step taking ``ranges`` as its ``mark`` (see ``train_step_worker.train_step``).
+    ``run_step`` is the loop's own step taking ``ranges`` as its ``mark`` (see ``worker.train_step``).
     """
     cuda = device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -1,15 +1,17 @@
 """Time a LoRA / QLoRA training step of vlmtune against the plain Hugging Face stack and Unsloth, side by side.
 
-    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed
-    python benchmarks/train_step.py --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
-    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape real \
+Run from the repository root (``benchmarks`` is imported as a package, not installed):
+
+    python -m benchmarks.train_step --model qwen2_5_vl-7b --shape fixed
+    python -m benchmarks.train_step --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
+    python -m benchmarks.train_step --model qwen2_5_vl-7b --shape real \
         --configs vlmtune_qlora_kernels,vlmtune_qlora_kernels_packed               # padding-free packing's gain
-    python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed --max-batch      # largest batch in 24/80 GiB
-    python benchmarks/train_step.py --model qwen2_5_vl-7b --profile       # where one step's time goes (ours, hf_qlora)
-    python benchmarks/train_step.py --model qwen2_5_vl-3b --suite final --out $OUT        # a fixed set, one call
-    python benchmarks/train_step.py --model tiny-qwen --shape fixed --device cpu --steps 2 --warmup 1   # anywhere
-    python benchmarks/train_step.py report benchmarks/results/qwen2_5_vl-7b_fixed_*.json   # tables of a record
-    python benchmarks/train_step.py report --write BENCHMARKS.md $OUT/*.json    # fill BENCHMARKS.md's report blocks
+    python -m benchmarks.train_step --model qwen2_5_vl-7b --shape fixed --max-batch     # largest batch in 24/80 GiB
+    python -m benchmarks.train_step --model qwen2_5_vl-7b --profile      # where one step's time goes (ours, hf_qlora)
+    python -m benchmarks.train_step --model qwen2_5_vl-3b --suite final --out $OUT       # a fixed set, one call
+    python -m benchmarks.train_step --model tiny-qwen --shape fixed --device cpu --steps 2 --warmup 1   # anywhere
+    python -m benchmarks.train_step report benchmarks/results/h100/*/qwen2_5_vl-7b_fixed_*.json  # a record's tables
+    python -m benchmarks.train_step report --write PAGE.md $OUT/*.json       # fill a page's report blocks
 
 Models (``--model``): random models of real size built from the released configs (``qwen2_5_vl-7b``,
 ``qwen2_5_vl-3b``, ``gemma3-4b``, ``minicpmv2_6-8b``, ``minicpmv4_6-1.3b``), written once per machine under
@@ -23,13 +25,14 @@ tokens; 896 px for Gemma-3: 256 tokens; 896 px for MiniCPM-V: 5 views, 320 token
 supervised answer tokens; ``real`` — batches of generated LaTeX-OCR rows through vlmtune's collator, counting
 non-pad tokens only. The ``*_packed`` configurations (real shape only; ``n/a`` on the fixed one, which has no
 padding) train on each step's samples packed into one padding-free row: same samples, tokens and labels per step
-as the padded batch, no pad token (``train_step_batches.py``).
+as the padded batch, no pad token (``batches.py``).
 
 Configurations (``--configs``, comma-separated; ``name:frozen`` runs one with the vision tower frozen, no
-LoRA in it; ``--vision frozen`` does that for all): see ``CONFIGS`` in ``train_step_data.py``. Each runs in
+LoRA in it; ``--vision frozen`` does that for all): see ``CONFIGS`` in ``specs.py``. Each runs in
 its own process (fresh CUDA context, honest peak memory) through the same plain loop on the same batches.
-``unsloth`` runs with ``--peer-site`` on ``PYTHONPATH`` when that folder exists (``../shared/tools/peer-unsloth``
-says how to fill it); configurations that cannot run report ``n/a`` and the others go on.
+``unsloth`` runs with ``--peer-site`` as its ``PYTHONPATH`` when that folder exists: a site folder holding Unsloth
+and the packages it pins, installed apart from vlmtune's environment (e.g. ``pip install --target /tmp/peer-site
+unsloth unsloth-zoo``); configurations that cannot run report ``n/a`` and the others go on.
 
 Reported per configuration: step time (median of the timed steps after ``--warmup`` untimed ones), tokens/s and
 images/s (median over timed steps), peak allocated and reserved GPU memory over the whole process, first and
@@ -39,36 +42,35 @@ last loss, warm-up (load start to the end of the first step) and load time, and 
 
 ``--profile [CONFIGS]`` runs one more step of those configurations after their timed ones, under
 ``torch.profiler`` with ranges around the vision tower, projector, language tower, loss/head, backward and
-optimizer step, and sorts the GPU kernels by kind (``train_step_profile.py`` says how); the record gets a
+optimizer step, and sorts the GPU kernels by kind (``profiling.py`` says how); the record gets a
 ``profile`` key and a table is printed. ``--suite NAME`` runs the fixed set ``SUITES[NAME][model]`` of
-``train_step_data.py`` (configurations, profiled ones, steps, time budget); options given explicitly win.
+``specs.py`` (configurations, profiled ones, steps, time budget); options given explicitly win.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import os
 import re
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path, where kernels.py would shadow the `kernels`
-    # package that bitsandbytes imports. The repository root goes there instead (helpers import as benchmarks.*).
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    sys.path.insert(0, str(HERE.parent))
-RESULTS = HERE / "results"
-RESULT_PREFIX = "@@RESULT "
-PREPARED_PREFIX = "@@PREPARED "
+from benchmarks.train_step.processes import (
+    COMMAND,
+    LOG_FILES,
+    ROOT,
+    prepare,
+    prepare_main,
+    run_config,
+    say,
+    worker_main,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CONFIGS = (
     "hf_qlora",
     "hf_qlora_noupcast",
@@ -87,93 +89,6 @@ CPU_CONFIGS = ("hf_bf16", "vlmtune_bf16")
 # What --profile without a list profiles: ours against the baseline (on the CPU: the bf16 pair).
 PROFILE_CONFIGS = ("vlmtune_qlora_kernels", "hf_qlora")
 CPU_PROFILE_CONFIGS = ("vlmtune_bf16", "hf_bf16")
-_log: list[Path] = []  # the run's log file under --out, once benchmark() named it
-
-
-def say(text: str, stream: TextIO | None = None) -> None:
-    """Print ``text`` (to stderr unless ``stream``) and append it to the run's log."""
-    print(text, file=stream or sys.stderr, flush=True)
-    for path in _log:
-        with path.open("a") as log:
-            log.write(text + "\n")
-
-
-# ----------------------------------------------------------------------------------------- child processes
-
-
-def _python_env(extra: dict[str, str] | None = None, pythonpath: str | None = None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath
-    env.update(extra or {})
-    return env
-
-
-def _child(cmd: list[str], env: dict[str, str], prefix: str, label: str, timeout: float | None) -> dict[str, Any]:
-    """Run ``cmd``, echo its output to stderr as ``[label] ...``, return the JSON after ``prefix`` (or a failure)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE.parent)
-    timer = threading.Timer(timeout, proc.kill) if timeout else None
-    if timer:
-        timer.start()
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    record = None
-    try:
-        for line in proc.stdout:
-            if line.startswith(prefix):
-                record = json.loads(line[len(prefix) :])
-                continue
-            tail.append(line.rstrip())
-            say(f"[{label}] {line.rstrip()}")
-        proc.wait()
-    finally:
-        if timer:
-            timer.cancel()
-    wall = time.perf_counter() - start
-    if record is None:
-        if timeout is not None and wall >= timeout:
-            record = {"status": "timeout", "reason": f"killed after {timeout:.0f} s, the rest of --time-budget"}
-        else:
-            # Progress bars say nothing about the failure; the traceback's last lines do.
-            tail_text = [t for t in tail if "it/s]" not in t and "\r" not in t]
-            record = {"status": "error", "reason": f"exit code {proc.returncode}; " + " | ".join(tail_text[-8:])}
-    record["wall_s"] = wall
-    return record
-
-
-def prepare(args, batch: int) -> dict[str, Any]:
-    """Build (or reuse) the checkpoint and write the batches, in a child process that then frees the GPU."""
-    count = 1 if args.shape == "fixed" else args.warmup + args.steps
-    cmd = [sys.executable, str(HERE / "train_step.py"), "prepare", "--model", args.model, "--shape", args.shape]
-    cmd += ["--batch", str(batch), "--count", str(count), "--cache", str(args.cache), "--device", args.device]
-    record = _child(cmd, _python_env(), PREPARED_PREFIX, "prepare", None)
-    if "checkpoint" not in record:
-        raise SystemExit(f"preparing {args.model} failed: {record.get('reason')}")
-    return record
-
-
-def run_config(args, name: str, prepared: dict[str, Any], timeout: float | None, **extra) -> dict[str, Any]:
-    """One configuration in its own process; Unsloth's with its peer site folder on the path."""
-    from benchmarks.train_step_data import CONFIGS, split_name
-
-    base, _ = split_name(name)
-    env = _python_env()
-    if CONFIGS[base].stack == "unsloth":
-        peer = Path(args.peer_site)
-        # Unsloth pins older transformers / trl / datasets than vlmtune: it gets its own site folder.
-        pythonpath = str(peer) if peer.is_dir() else None
-        env = _python_env({"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}, pythonpath)
-    cmd = [sys.executable, str(HERE / "train_step.py"), "worker", "--config", name, "--model", args.model]
-    cmd += ["--checkpoint", prepared["checkpoint"], "--batches", prepared["batches"], "--device", prepared["device"]]
-    cmd += ["--warmup", str(extra.get("warmup", args.warmup)), "--steps", str(extra.get("steps", args.steps))]
-    cmd += ["--vision", args.vision]
-    if extra.get("profile"):
-        cmd.append("--profile")
-    if extra.get("memory_limit_gib") is not None:
-        cmd += ["--memory-limit-gib", str(extra["memory_limit_gib"])]
-    record = _child(cmd, env, RESULT_PREFIX, name, timeout)
-    record.setdefault("config", name)
-    return record
 
 
 # --------------------------------------------------------------------------------------------------- output
@@ -193,13 +108,13 @@ def write(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> No
 
 def benchmark(args) -> list[dict[str, Any]]:
     """Every configuration once, side by side (profiling those in ``args.profile``); returns the records."""
-    from benchmarks.train_step_data import CONFIGS, split_name
-    from benchmarks.train_step_report import add_ratios, fmt, step_table, table, targets
+    from benchmarks.train_step.report import add_ratios, fmt, step_table, table, targets
+    from benchmarks.train_step.specs import CONFIGS, split_name
 
     started = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    _log[:] = [Path(args.out) / f"{args.model}_{args.shape}.log"]
-    say(f"$ {' '.join(['python', 'benchmarks/train_step.py', *sys.argv[1:]])}")
+    LOG_FILES[:] = [Path(args.out) / f"{args.model}_{args.shape}.log"]
+    say(f"$ {' '.join([*COMMAND, *sys.argv[1:]])}")
     prepared = prepare(args, args.batch)
     say(f"prepared {args.model} on {prepared['device_name']} in {prepared['wall_s']:.0f} s")
     say(f"data: {json.dumps(prepared['data'])}")
@@ -288,8 +203,8 @@ def max_batch(args) -> dict[str, dict[str, int]]:
     (each probe reloads the model) still leaves what it found; the JSON is written at the end.
     """
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    _log[:] = [Path(args.out) / f"{args.model}_{args.shape}_maxbatch.log"]
-    say(f"$ {' '.join(['python', 'benchmarks/train_step.py', *sys.argv[1:]])}")
+    LOG_FILES[:] = [Path(args.out) / f"{args.model}_{args.shape}_maxbatch.log"]
+    say(f"$ {' '.join([*COMMAND, *sys.argv[1:]])}")
     found: dict[str, dict[str, int]] = {}
     for name in args.configs:
         found[name] = largest_batch(
@@ -320,81 +235,17 @@ def _meta(args, prepared: dict[str, Any]) -> dict[str, Any]:
         "time_budget": args.time_budget,
         "device": prepared["device_name"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
+        "command": " ".join([*COMMAND, *sys.argv[1:]]),
         "data": prepared["data"],
         "prepare_s": prepared.get("wall_s"),
         "build_s": prepared.get("build_s"),
     }
 
 
-# ------------------------------------------------------------------------------------------ child entry points
-
-
-def prepare_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train_step.py prepare")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--shape", required=True)
-    parser.add_argument("--batch", type=int, required=True)
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--cache", required=True)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    import torch
-
-    from benchmarks.train_step_batches import build_steps, describe
-    from benchmarks.train_step_checkpoints import build_checkpoint
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = Path(args.cache) / args.model
-    start = time.perf_counter()
-    build_checkpoint(args.model, folder, device)
-    build_s = time.perf_counter() - start
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    # "steps_": padded batches, packed rows and per-step counts in one file (earlier "batches_" files held a list).
-    batches_file = folder / f"steps_{args.shape}_b{args.batch}_n{args.count}.pt"
-    if not batches_file.exists():
-        steps = build_steps(args.model, folder, args.shape, args.batch, args.count, Path(args.cache))
-        torch.save(steps, batches_file)
-    steps = torch.load(batches_file, weights_only=True)
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    record = {"checkpoint": str(folder), "batches": str(batches_file), "device": device, "device_name": device_name}
-    record.update(data=describe(steps), build_s=build_s)
-    print(PREPARED_PREFIX + json.dumps(record), flush=True)
-    return 0
-
-
-def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train_step.py worker")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--batches", required=True)
-    parser.add_argument("--device", required=True)
-    parser.add_argument("--warmup", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--vision", default="lora")
-    parser.add_argument("--memory-limit-gib", type=float, default=None)
-    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler after timing")
-    args = parser.parse_args(argv)
-    if args.config.startswith("unsloth"):
-        # Unsloth patches transformers and peft at import: it must come before them (its own instructions).
-        try:
-            import unsloth  # noqa: F401
-        except (ImportError, NotImplementedError, RuntimeError) as err:
-            print(RESULT_PREFIX + json.dumps({"config": args.config, "status": "n/a", "reason": f"unsloth: {err}"}))
-            return 0
-    from benchmarks import train_step_worker
-
-    return train_step_worker.main(args)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from benchmarks.train_step_data import MODELS, SUITES, VISION_MODES, split_name
+    from benchmarks.train_step.specs import MODELS, SUITES, VISION_MODES, split_name
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=" ".join(COMMAND), description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--shape", default="fixed", choices=("fixed", "real"))
     parser.add_argument("--configs", default=None, help="comma-separated; default: all (CPU: the CPU-capable ones)")
@@ -463,7 +314,7 @@ def _names(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "report":
-        from benchmarks.train_step_report import report_main
+        from benchmarks.train_step.report import report_main
 
         return report_main(argv[1:])
     if argv and argv[0] == "prepare":
@@ -476,7 +327,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         benchmark(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,19 +1,20 @@
-"""benchmarks/train_step_batches.py: a step's packed row holds exactly the samples of that step's padded batch."""
+"""benchmarks/train_step/batches.py: a step's packed row holds exactly the samples of that step's padded batch."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from vlmtune.data.collator import IGNORE_INDEX
 
+ROOT = Path(__file__).resolve().parents[3]
+
 
 @pytest.fixture
 def batches(monkeypatch):
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    return importlib.import_module("benchmarks.train_step_batches")
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks is not installed: it imports from the repository root
+    return importlib.import_module("benchmarks.train_step.batches")
 
 
 def test_packed_row_holds_the_samples_of_the_padded_batch(batches, tiny_paths, tmp_path):

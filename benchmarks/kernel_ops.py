@@ -1,9 +1,12 @@
 """Time each Triton kernel against its pure-torch reference, forward + backward, at real model sizes.
 
-    python benchmarks/kernels.py            # on a CUDA machine: prints a table, writes
-                                            # benchmarks/results/kernels_<device>.json
-    python benchmarks/kernels.py --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
-    python benchmarks/kernels.py --only swiglu --profile $OUT   # also where the time goes, per case
+    python -m benchmarks.kernel_ops            # on a CUDA machine: prints a table, writes
+                                               # benchmarks/results/kernels_<device>.json
+    python -m benchmarks.kernel_ops --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
+    python -m benchmarks.kernel_ops --only swiglu --profile $OUT   # also where the time goes, per case
+    python -m benchmarks.kernel_ops --only swiglu,geglu --tokens 4096,8192   # other token counts
+
+Run from the repository root.
 
 Each case runs forward and backward of the kernel and of the reference on the same inputs (the NF4
 dequantisation, of a frozen weight, forward only). Four times each:
@@ -36,20 +39,13 @@ import platform
 import pstats
 import re
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path, where this file would shadow the `kernels`
-    # package that bitsandbytes probes for on import.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
@@ -66,7 +62,7 @@ from vlmtune.kernels.lora_mlp import LoraProjection, lora_gated_mlp, lora_gated_
 from vlmtune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from vlmtune.kernels.rope import apply_mrope, apply_mrope_reference, apply_rope, apply_rope_reference  # noqa: E402
 
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 Step = Callable[[], None]
 
 

@@ -1,5 +1,5 @@
-"""The checkpoints ``benchmarks/train_step.py`` loads: ``vlmtune.tiny``'s for the ``tiny-*`` models, and for the
-real-size ones a random model built from the family's released config (``train_step_data.MODELS``) with the tiny
+"""The checkpoints ``python -m benchmarks.train_step`` loads: ``vlmtune.tiny``'s for the ``tiny-*`` models, and for the
+real-size ones a random model built from the family's released config (``specs.MODELS``) with the tiny
 checkpoint's tokenizer and chat template and the family's image processor at its real settings. One builder per
 family returns ``(model class, config, processor)``; :func:`build_checkpoint` draws the weights and saves.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.train_step_data import MODELS, ModelSpec
+from benchmarks.train_step.specs import MODELS, ModelSpec
 
 
 def _real_qwen(spec: ModelSpec, tiny: Path):

@@ -1,4 +1,4 @@
-"""What every configuration of ``benchmarks/train_step.py`` trains on: one batch per step, built once per model,
+"""What every configuration of ``python -m benchmarks.train_step`` trains on: one batch per step, built once per model,
 shape and batch size, and saved with ``torch.save`` for the configurations' processes to load.
 
 The samples of each step are encoded once (vlmtune's :class:`~vlmtune.data.collator.Collator`), then collated
@@ -7,7 +7,7 @@ padding-free row (:class:`~vlmtune.data.packing.PackedCollator`, the ``*_packed`
 packed row holds exactly the samples of that step's padded batch, so both train on the same tokens, images and
 supervised labels, and differ in the pad tokens alone (see :func:`build_steps`).
 
-Imports no torch at module level (the driver imports the data module, not this one, but keeps the rule).
+Imports no torch at module level (the driver imports ``specs``, not this module, which keeps the rule all the same).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.train_step_data import ANSWER_TOKENS, MODELS, PROMPT_TOKENS
+from benchmarks.train_step.specs import ANSWER_TOKENS, MODELS, PROMPT_TOKENS
 
 if TYPE_CHECKING:
     import torch

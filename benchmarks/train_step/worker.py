@@ -1,13 +1,13 @@
 """One benchmark configuration in its own process: set the model up, run the plain training loop, report.
 
-``benchmarks/train_step.py`` starts this once per configuration (fresh CUDA context, so peak memory is the
+The driver (``processes.run_config``) starts this once per configuration (fresh CUDA context, so peak memory is the
 configuration's own) and reads the one ``@@RESULT`` JSON line it prints. Every configuration runs the same
 loop on the same batches — forward, backward, optimizer step, ``zero_grad`` — under bf16 autocast on CUDA
 (fp32 on the CPU), with fused AdamW at lr 2e-4 over the trainable parameters: differences come from the model
 setup alone (the packed configurations train on the same samples as one padding-free row per step). Unsloth's
 configurations import ``unsloth`` before this module (its patches must precede transformers), which
-``train_step.py`` does. With ``--profile`` one more step runs after the timed ones, under the profiler
-(``train_step_profile.py``), and its summary goes into the record's ``profile``.
+``processes.worker_main`` does. With ``--profile`` one more step runs after the timed ones, under the profiler
+(``profiling.py``), and its summary goes into the record's ``profile``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.train_step_batches import NO_PACKING_REASON
-from benchmarks.train_step_data import CONFIGS, HF_PROCESSOR_KEYS, MODELS, BenchConfig, ModelSpec, split_name
-from benchmarks.train_step_profile import profile_step
+from benchmarks.train_step.batches import NO_PACKING_REASON
+from benchmarks.train_step.profiling import profile_step
+from benchmarks.train_step.specs import CONFIGS, HF_PROCESSOR_KEYS, MODELS, BenchConfig, ModelSpec, split_name
 
 RESULT_PREFIX = "@@RESULT "
 LORA_R = LORA_ALPHA = 16
@@ -61,7 +61,7 @@ class Steps:
 
     @classmethod
     def load(cls, path: Path, packed: bool) -> Steps:
-        """Read ``train_step_batches.build_steps``' file; ``NotAvailable`` when it holds no packed rows."""
+        """Read ``batches.build_steps``' file; ``NotAvailable`` when it holds no packed rows."""
         data = torch.load(path, weights_only=True)
         if packed and data["packed"] is None:
             raise NotAvailable(NO_PACKING_REASON)
@@ -237,7 +237,7 @@ def train_step(model, optimizer, inputs: dict[str, torch.Tensor], cuda: bool, ma
     """One step of the loop: forward (bf16 autocast on CUDA), backward, AdamW step, ``zero_grad``; the loss.
 
     ``mark(name)`` wraps the forward, the backward and the optimizer step: a no-op in the timed steps, the
-    profiler's ranges in the profiled one (``train_step_profile.StepRanges``).
+    profiler's ranges in the profiled one (``profiling.StepRanges``).
     """
     with mark("forward"), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
         loss = model(**inputs).loss
@@ -308,7 +308,7 @@ def train_loop(
 
 
 def profile_after(model, optimizer, batch, keys, device: str) -> dict[str, Any]:
-    """One more step, under the profiler with the tower hooks (``train_step_profile``), after the timed ones."""
+    """One more step, under the profiler with the tower hooks (``profiling``), after the timed ones."""
     from vlmtune.adapters import detect
 
     try:
@@ -417,7 +417,7 @@ def run(
 
 
 def main(args) -> int:
-    """Entry point of ``train_step.py worker``: print one ``@@RESULT`` line; exit 0 unless the record is missing."""
+    """Entry point of the ``worker`` child: print one ``@@RESULT`` line; exit 0 unless the record is missing."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(
         args.config,

@@ -1,8 +1,8 @@
-"""Tables of recorded ``train_step.py`` runs: ratios to the baselines, the issues' targets, where the time goes,
-and the generated sections of BENCHMARKS.md. Plain Python on the JSON records (no torch: the driver imports it).
+"""Tables of recorded ``python -m benchmarks.train_step`` runs: ratios to the baselines, the targets, where the time
+goes, and generated sections of a markdown page. Plain Python on the JSON records (no torch: the driver imports it).
 
-    python benchmarks/train_step.py report benchmarks/results/qwen2_5_vl-7b_fixed_*.json      # print the tables
-    python benchmarks/train_step.py report --write BENCHMARKS.md out/*.json                    # fill BENCHMARKS.md
+    python -m benchmarks.train_step report benchmarks/results/h100/*/qwen2_5_vl-7b_fixed_*.json   # print the tables
+    python -m benchmarks.train_step report --write PAGE.md out/*.json                         # fill PAGE.md's blocks
 
 ``--write`` replaces what stands between ``<!-- report:results -->`` and ``<!-- /report:results -->`` (one
 table per record file, with its device, date and versions) and between ``<!-- report:profile -->`` and
@@ -91,7 +91,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
-    """The issues' targets for vlmtune QLoRA (kernels on when they ran, else off), met or missed and by how much."""
+    """The targets for vlmtune QLoRA (kernels on when they ran, else off), met or missed and by how much."""
     ok = {r["config"]: r for r in results if r.get("status") == "ok"}
     ours = next((ok[c] for c in ("vlmtune_qlora_kernels", "vlmtune_qlora") if c in ok), None)
     if ours is None:
@@ -251,12 +251,15 @@ def profile_markdown(datas: list[dict[str, Any]]) -> str:
     """The "where the time goes" block: one profiled step per configuration, by part and by kernel kind."""
     rows = profiled(datas)
     if not rows:
-        return "No profiled step in these records (run `train_step.py` with `--profile` or `--suite final`)."
+        return (
+            "No profiled step in these records "
+            "(run `python -m benchmarks.train_step` with `--profile` or `--suite final`)."
+        )
     devices = sorted({data["meta"]["device"] for data in datas})
     lines = [
         f"One step after the timed ones, under `torch.profiler` ({', '.join(devices)}; "
         f"{', '.join(sorted({data['meta']['date'][:10] for data in datas}))}); each range is bounded by a device "
-        "sync, kernels are counted in the range they start in (method: `benchmarks/train_step_profile.py`). "
+        "sync, kernels are counted in the range they start in (method: `benchmarks/train_step/profiling.py`). "
         "Device busy is the sum of kernel (and memcpy / memset) time, against the step's wall time.",
         "",
         summary_tables(rows),
@@ -292,9 +295,9 @@ def write_sections(path: Path, sections: dict[str, str]) -> None:
 
 
 def report_main(argv: list[str]) -> int:
-    """``train_step.py report [--write FILE.md] RECORD.json ...``: print (or write) the tables of recorded runs."""
-    parser = argparse.ArgumentParser(prog="train_step.py report", description=report_main.__doc__)
-    parser.add_argument("records", nargs="+", help="JSON records of train_step.py runs")
+    """``python -m benchmarks.train_step report [--write FILE.md] RECORD.json ...``: the records' tables."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step report", description=report_main.__doc__)
+    parser.add_argument("records", nargs="+", help="JSON records of python -m benchmarks.train_step runs")
     parser.add_argument("--write", default=None, help="markdown file whose report:* blocks to fill")
     args = parser.parse_args(argv)
     datas = []
