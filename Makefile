@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check vlmtune tests recipes examples benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py --model qwen2_5_vl-7b --shape fixed
+	$(BIN)/python -m benchmarks.train_step --model qwen2_5_vl-7b --shape fixed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

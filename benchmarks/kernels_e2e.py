@@ -4,7 +4,7 @@
     python benchmarks/kernels_e2e.py --models gemma3-4b --quant nf4   # QLoRA
     python benchmarks/kernels_e2e.py --models tiny-qwen --steps 2 --batch 2    # anywhere (CPU: interpreter)
 
-Each model is one of ``benchmarks/train_step_data.py``'s ``MODELS``: a random checkpoint of the released
+Each model is one of ``benchmarks/specs.py``'s ``MODELS``: a random checkpoint of the released
 config's real size (all layers), written once under ``--cache`` and loaded with ``vlmtune.load`` in bf16
 (CUDA). LoRA (r 16) goes on the language tower's attention and MLP with the vision tower frozen, as
 ``vlmtune.apply_tuning`` does it (gradient checkpointing on, adapters in fp32). Then ``vlmtune.train`` runs
@@ -33,18 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path, where kernels.py would shadow the `kernels`
-    # package that transformers probes for; import the sibling module as benchmarks.train_step_data instead.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    sys.path.insert(0, str(HERE.parent))
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
+HERE = Path(__file__).resolve().parent
 DEFAULT_MODELS = ("qwen2_5_vl-7b", "gemma3-4b")
 
 
@@ -104,7 +98,7 @@ def _run(folder: Path, rows, args, kernels: bool, lora_init: dict[str, torch.Ten
 
 
 def compare(name: str, args) -> dict[str, Any]:
-    from benchmarks.train_step_checkpoints import build_checkpoint
+    from benchmarks.train_step.checkpoints import build_checkpoint
     from vlmtune.data.latex_ocr import make_latex_ocr
     from vlmtune.data.spec import DataSpec, load_rows
 

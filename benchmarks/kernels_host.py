@@ -1,10 +1,10 @@
 """Where the host time of a standalone activation call goes: the Python wrapper against aten's autograd.
 
-    python benchmarks/kernels_host.py            # on a CUDA machine; prints a table of median microseconds
+    python -m benchmarks.kernels_host            # on a CUDA machine; prints a table of median microseconds
 
-``benchmarks/kernels.py`` times :func:`vlmtune.kernels.swiglu` at 2048 tokens host-bound: its forward + backward
-is ~0.13-0.23 ms of GPU work, less than the host needs to queue it. This script measures the host side alone, on
-tiny CUDA tensors (so the GPU is never the bottleneck), piece by piece:
+Run from the repository root. ``benchmarks/kernel_ops.py`` times :func:`vlmtune.kernels.swiglu` at 2048 tokens
+host-bound: its forward + backward is ~0.13-0.23 ms of GPU work, less than the host needs to queue it. This script
+measures the host side alone, on tiny CUDA tensors (so the GPU is never the bottleneck), piece by piece:
 
 - the whole forward + backward of the kernel, of the reference (``silu(g) * u``), of an autograd Function that
   does nothing but allocate its outputs, and of the harness alone (``ones_like`` + ``backward`` of a sum);
@@ -16,20 +16,13 @@ tiny CUDA tensors (so the GPU is never the bottleneck), piece by piece:
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":
-    # As in kernels.py: benchmarks/ first on sys.path would shadow the `kernels` package libraries probe for.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import torch
 
-import torch  # noqa: E402
-
-from vlmtune.kernels import gated_mlp  # noqa: E402
+from vlmtune.kernels import gated_mlp
 
 
 def _median_us(fn: Callable[[], object], reps: int = 3000, warmup: int = 300) -> float:
