@@ -1,10 +1,10 @@
 """Kernels on vs off end to end: the same LoRA run of a real-size random model, per-step losses side by side.
 
-    python benchmarks/kernels_e2e.py                                  # qwen2_5_vl-7b and gemma3-4b, 20 steps
-    python benchmarks/kernels_e2e.py --models gemma3-4b --quant nf4   # QLoRA
-    python benchmarks/kernels_e2e.py --models tiny-qwen --steps 2 --batch 2    # anywhere (CPU: interpreter)
+    python -m benchmarks.kernels_e2e                                  # qwen2_5_vl-7b and gemma3-4b, 20 steps
+    python -m benchmarks.kernels_e2e --models gemma3-4b --quant nf4   # QLoRA
+    python -m benchmarks.kernels_e2e --models tiny-qwen --steps 2 --batch 2    # anywhere (CPU: interpreter)
 
-Each model is one of ``benchmarks/specs.py``'s ``MODELS``: a random checkpoint of the released
+Each model is one of ``benchmarks/train_step/specs.py``'s ``MODELS``: a random checkpoint of the released
 config's real size (all layers), written once under ``--cache`` and loaded with ``vlmtune.load`` in bf16
 (CUDA). LoRA (r 16) goes on the language tower's attention and MLP with the vision tower frozen, as
 ``vlmtune.apply_tuning`` does it (gradient checkpointing on, adapters in fp32). Then ``vlmtune.train`` runs

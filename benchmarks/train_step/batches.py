@@ -35,10 +35,10 @@ NO_PACKING_REASON = (
 def _collator(folder: Path) -> Collator:
     from transformers import AutoConfig, AutoProcessor
 
-    from vlmtune.adapters import detect
     from vlmtune.data.collator import Collator
+    from vlmtune.families import detect
+    from vlmtune.families.minicpmv.modeling import register
     from vlmtune.loading import read_config
-    from vlmtune.models.minicpmv import register
 
     adapter = detect(read_config(folder))
     # vlmtune.load registers its MiniCPM-V 2.6-layout config with the Auto classes on the way; so does this, for
@@ -62,7 +62,7 @@ def fixed_samples(name: str, collator: Collator, batch: int, seed: int = 0) -> l
 
     from vlmtune.data.collator import IGNORE_INDEX, Encoded
 
-    adapter, processor = collator.adapter, collator.processor
+    adapter, processor = collator.family, collator.processor
     tokenizer = processor.tokenizer
     image_ids = set(collator.image_token_ids())
     specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)

@@ -80,9 +80,10 @@ def _real_gemma(spec: ModelSpec, tiny: Path):
 def _real_minicpmv(spec: ModelSpec, tiny: Path):
     from transformers import PreTrainedTokenizerFast
 
-    from vlmtune.adapters.minicpmv import MiniCPMVProcessor
+    from vlmtune.families.minicpmv.configuration import MiniCPMVConfig
+    from vlmtune.families.minicpmv.modeling import MiniCPMV
+    from vlmtune.families.minicpmv.processing import MiniCPMVProcessor
     from vlmtune.loading import read_config
-    from vlmtune.models.minicpmv import MiniCPMV, MiniCPMVConfig
 
     small = read_config(tiny)
     ids = {k: getattr(small, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

@@ -94,7 +94,8 @@ _QWEN_TEXT = dict(
     hidden_act="silu",
 )
 # SigLIP so400m at patch 14 on a 980-px position table: the vision tower of MiniCPM-V 2.6 (its config.json's
-# vision_config, vlmtune.models.minicpmv.DEFAULT_VISION_CONFIG) and of 4.6 (SigLIP2-400M, same dimensions).
+# vision_config, vlmtune.families.minicpmv.configuration.DEFAULT_VISION_CONFIG) and of 4.6 (SigLIP2-400M, same
+# dimensions).
 _SIGLIP_400M = dict(
     hidden_size=1152,
     intermediate_size=4304,

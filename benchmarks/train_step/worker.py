@@ -309,7 +309,7 @@ def train_loop(
 
 def profile_after(model, optimizer, batch, keys, device: str) -> dict[str, Any]:
     """One more step, under the profiler with the tower hooks (``profiling``), after the timed ones."""
-    from vlmtune.adapters import detect
+    from vlmtune.families import detect
 
     try:
         adapter = detect(model.config)

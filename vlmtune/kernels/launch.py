@@ -2,7 +2,7 @@
 
 ``kernel[grid](*args)`` binds the arguments, asks Triton's native code for their specialisation, builds a
 cache key string, looks the compiled kernel up, builds launch metadata and calls the launch hooks: 20-50 us
-of Python per launch on the H100 machines here, 2-3x an aten op's launch (``benchmarks/kernels.py``'s host
+of Python per launch on the H100 machines here, 2-3x an aten op's launch (``benchmarks/kernel_ops.py``'s host
 column; BENCHMARKS.md). The training step calls our kernels thousands of times, and the small ones
 (norms, RoPE, the gated MLP) cost less GPU time than that.
 

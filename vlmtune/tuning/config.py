@@ -28,15 +28,14 @@ class TuningConfig:
         gradient_checkpointing: recompute activations in backward (language tower and vision tower alike, as
             transformers applies it model-wide); saves memory at ~30% more compute.
         vision_checkpointing: also checkpoint the vision tower's layers (with ``gradient_checkpointing``). On by
-            default: with vision LoRA on Qwen2.5-VL-7B its activations are the larger share of the step's memory
-            (BENCHMARKS.md); turn it off to trade that memory for the vision tower's recomputation.
+            default: with vision LoRA the vision tower's activations are a large share of a step's memory; turn it
+            off to trade that memory for the vision tower's recomputation.
         vision_micro_batch: images per pass of the vision tower, for families whose tower takes a batch of whole
             images (Gemma-3's SigLIP; the family's ``vision_takes_image_batch``): the tower runs chunk after
             chunk and the features are concatenated, the same numbers with one chunk's activations alive at a
             time (with checkpointing, backward recomputes one chunk's layer at a time). ``None`` (default) runs
-            all images at once. Part of the lean-memory setting with ``offload_activations``: on Gemma-3-4B
-            QLoRA at batch 8, 2 takes the peak from 8.1 to 7.5 GiB (6.3 to 5.1 GiB with offload) for ~20% more
-            step time (BENCHMARKS.md).
+            all images at once. Part of the lean-memory setting with ``offload_activations``
+            (``vlmtune_qlora_kernels_offload`` in BENCHMARKS.md: less memory for a slower step).
         embeddings_on_cpu: keep the input embedding matrix in CPU memory when it is frozen, not tied to
             ``lm_head`` and the model sits on a GPU: each forward looks its token rows up on the CPU and copies
             them to the GPU (the same numbers; saves vocab x hidden of GPU memory, 1.0 GiB on Qwen2.5-VL-7B,
