@@ -16,7 +16,8 @@ def loaded(tiny_checkpoint):
 
     def get(family: str):
         if family not in cache:
-            model, processor, adapter = vlmtune.load(tiny_checkpoint(family))
+            # On the CPU wherever the tests run: the batches are built there, and the numbers compared are CPU ones.
+            model, processor, adapter = vlmtune.load(tiny_checkpoint(family), device="cpu")
             cache[family] = model, adapter, Collator(adapter, processor, model.config)
         model, adapter, collator = cache[family]
         return copy.deepcopy(model), adapter, image_batch(collator)

@@ -14,10 +14,10 @@ from vlmtune.tuning import TuningConfig, apply_tuning, original_name
 FAMILIES = sorted(BUILDERS)
 
 
-def test_embeddings_stay_on_the_gpu_without_one(tiny_qwen):
-    model, _, adapter = vlmtune.load(tiny_qwen)
+def test_embeddings_stay_where_they_are_on_the_cpu(tiny_qwen):
+    model, _, adapter = vlmtune.load(tiny_qwen, device="cpu")
     model = apply_tuning(model, adapter, TuningConfig())
-    assert not vlmtune.tuning.keep_embeddings_on_cpu(model)  # nothing to move off: no GPU here
+    assert not vlmtune.tuning.keep_embeddings_on_cpu(model)  # nothing to move off: the model is on the CPU
     assert "_vlmtune_cpu_embedding" not in model.get_input_embeddings().__dict__
 
 
@@ -98,7 +98,7 @@ def test_activation_offload_gives_the_same_loss_and_gradients(family, loaded, mo
 @pytest.mark.parametrize("vision", ["lora", "frozen"])
 def test_vision_micro_batch_gives_the_same_loss_and_gradients(vision, tiny_gemma):
     def run(micro_batch):
-        model, processor, adapter = vlmtune.load(tiny_gemma)
+        model, processor, adapter = vlmtune.load(tiny_gemma, device="cpu")
         model = apply_tuning(model, adapter, TuningConfig(vision=vision, vision_micro_batch=micro_batch)).train()
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -181,7 +181,7 @@ def test_vision_checkpointing_can_be_switched_off_alone(family, tiny_qwen, tiny_
     path = {"qwen2_5_vl": tiny_qwen, "gemma3": tiny_gemma}[family]
     results = []
     for vision_checkpointing in (True, False):
-        model, processor, adapter = vlmtune.load(path)
+        model, processor, adapter = vlmtune.load(path, device="cpu")
         config = TuningConfig(vision_checkpointing=vision_checkpointing)
         tuned = apply_tuning(model, adapter, config)
         flags: dict[str, set[bool]] = {}
