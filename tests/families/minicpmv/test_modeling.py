@@ -1,6 +1,6 @@
 """vlmtune's native MiniCPM-V (remote-code layout): released key names, loading, training forward, generation.
 
-Run: `.venv/bin/python -m pytest tests/models/test_minicpmv.py -q`
+Run: `.venv/bin/python -m pytest tests/families/minicpmv/test_modeling.py -q`
 """
 
 import json

@@ -1,6 +1,6 @@
 """MiniCPM-V 2.6 slicing against a table derived by hand from the published algorithm.
 
-Run: `.venv/bin/python -m pytest tests/models/test_minicpmv_image.py -q`
+Run: `.venv/bin/python -m pytest tests/families/minicpmv/test_image.py -q`
 """
 
 import re
