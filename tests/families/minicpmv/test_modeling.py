@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from vlmtune.families.minicpmv.configuration import MiniCPMVConfig
 from vlmtune.families.minicpmv.image import MiniCPMVImageTokens, image_bound, process_image
-from vlmtune.families.minicpmv.modeling import MiniCPMV, navit_position_ids, register, sincos_2d
+from vlmtune.families.minicpmv.modeling import MiniCPMV, register
 from vlmtune.families.minicpmv.tiny import tiny_minicpmv_config
+from vlmtune.families.minicpmv.vision import navit_position_ids, sincos_2d
 
 # Normalised (layer index → N) keys of the published openbmb/MiniCPM-V-4_5 model.safetensors.index.json.
 RELEASED_4_5_KEYS = {

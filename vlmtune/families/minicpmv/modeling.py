@@ -43,12 +43,7 @@ from transformers import initialization as init
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from vlmtune.families.minicpmv.configuration import MiniCPMVConfig
-from vlmtune.families.minicpmv.vision import (  # noqa: F401  (navit_position_ids, sincos_2d: the model's maths, tested)
-    MiniCPMVResampler,
-    MiniCPMVVisionTransformer,
-    navit_position_ids,
-    sincos_2d,
-)
+from vlmtune.families.minicpmv.vision import MiniCPMVResampler, MiniCPMVVisionTransformer
 
 logger = logging.getLogger(__name__)
 
