@@ -19,6 +19,7 @@ position rule equals Qwen2's: ``start + (t, row, col)`` and text resuming at ``s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -154,7 +155,9 @@ QWEN2_5_VL = Family(
     tiny={"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl},
 )
 
-QWEN3_VL = Family(
+# Qwen3-VL is Qwen2.5-VL's descriptor with its own names (the data and image path are the same).
+QWEN3_VL = dataclasses.replace(
+    QWEN2_5_VL,
     name="qwen3_vl",
     model_types=("qwen3_vl",),
     towers={
@@ -165,25 +168,13 @@ QWEN3_VL = Family(
         "projector": ("model.visual.merger", *(f"model.visual.deepstack_merger_list.{i}" for i in range(3))),
         "language": ("model.language_model", "lm_head"),
     },
-    lora_targets=LoraTargets(
-        vision_attention=_VISION + r"\.attn\.(qkv|proj)",
+    lora_targets=dataclasses.replace(
+        QWEN2_5_VL.lora_targets,
         vision_mlp=_VISION + r"\.mlp\.(linear_fc1|linear_fc2)",
-        language_attention=_LANGUAGE + r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-        language_mlp=_LANGUAGE + r"\.mlp\.(gate_proj|up_proj|down_proj)",
         projector=r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2)",
     ),
-    image_placeholder="<|image_pad|>",
-    end_of_turn="<|im_end|>",
-    process_images=process_images,
-    expand_image=expand_image,
-    batch_extras=batch_extras,
-    norm_kind="rms",
-    mlp_kind="swiglu",
     # Qwen3-VL interleaves the T/H/W frequencies (rope_parameters["mrope_interleaved"]) where Qwen2 stacks them
-    # in sections; either way its rotary module resolves the layout and attention rotates with plain cos/sin.
-    rope_kind="mrope",
-    vision_attention_kind="cu_seqlens",
-    image_options={"min_pixels": None, "max_pixels": None},
-    pack=pack_row,
+    # in sections; either way its rotary module resolves the layout and attention rotates with plain cos/sin, so
+    # rope_kind stays "mrope".
     tiny={"qwen3_vl": build_qwen3_vl},
 )
