@@ -304,7 +304,11 @@ def rotate(folder: Path, keep: int | None) -> None:
     complete = sorted((p for p in folder.iterdir() if _FINAL.match(p.name) and not checkpoint_problems(p)), key=step_of)
     for path in complete[:-keep]:
         # The marker goes first: a kill in the middle of the deletion leaves a folder that reads as incomplete.
-        (path / MARKER).unlink()
+        try:
+            (path / MARKER).unlink()
+        except OSError as err:  # an old checkpoint kept is no reason to stop the run
+            logger.warning("could not delete %s: %s", path, err)
+            continue
         remove_tree(path)
         logger.info("deleted %s (save_total_limit=%d)", path, keep)
 
@@ -381,7 +385,8 @@ class CheckpointTrainer(Trainer):
         last = f"the last good checkpoint is {latest}" if latest is not None else "no complete checkpoint yet"
         reason = " ".join(str(err).split())  # torch's writer errors span lines
         error = OutputWriteError(
-            f"could not write checkpoint {final}: {reason}; {last} (free space, then resume with --resume)"
+            f"could not write checkpoint {final}: {reason}; {last} "
+            "(free space or fix permissions, then resume with --resume)"
         )
         error.errno = getattr(err, "errno", None)
         return error
