@@ -1,10 +1,12 @@
 """Fine-tune a vision-language model on LaTeX-OCR: image of a formula in, its LaTeX out.
 
     python recipes/latex_ocr.py --model PATH --data DIR --out OUT [--qlora] [--no-tune-vision] [--max-steps 200]
+    python recipes/latex_ocr.py ... --save-steps 50 --resume      # the same command again, after a crash
 
 PATH is a local checkpoint folder (Qwen2-VL / Qwen2.5-VL, Gemma-3), DIR holds train/test parquet files with
 `image` and `text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`). OUT receives the
-LoRA family, the processor with its chat template, and `vlmtune.json` (this config + package versions).
+LoRA adapter, the processor with its chat template, and `vlmtune.json` (this config + package versions);
+checkpoints go to OUT/checkpoints, and `--resume` continues from the newest complete one.
 
 The whole run is :func:`main`: copy this file and change it, rather than adding options to it.
 """
@@ -14,9 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import vlmtune
+from vlmtune.atomic import OutputWriteError
+from vlmtune.checkpoints import NoCheckpointError, ResumeError
 from vlmtune.evaluate import answer_of, generate, ocr_metrics
 
 logger = logging.getLogger("recipes.latex_ocr")
@@ -99,7 +104,17 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
     parser.add_argument("--packing", action="store_true", help="padding-free packing into rows of --max-length")
     parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: cap on image pixels")
     parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    parser.add_argument("--save-total-limit", type=int, default=None, help="complete checkpoints to keep")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in OUT/checkpoints, or from PATH",
+    )
+    parser.add_argument("--resume-force", action="store_true", help="resume even if the run's settings changed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     tuning = vlmtune.TuningConfig(
@@ -121,10 +136,13 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         max_length=args.max_length,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
         seed=args.seed,
         kernels=False if args.no_kernels else None,
         packing=args.packing,
         image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
+        resume=args.resume,
+        resume_force=args.resume_force,
     )
     return LatexOcrConfig(
         model=args.model,
@@ -141,10 +159,14 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: under `vlmtune train` the CLI has already set WARNING; the recipe says what it does at INFO.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     cfg = parse_args()
     logger.info("config: %s", dataclasses.asdict(cfg))
-    summary = main(cfg)
+    try:
+        summary = main(cfg)
+    except (ResumeError, NoCheckpointError, OutputWriteError) as err:
+        sys.exit(f"error: {err}")  # the message says what to do; a traceback would only bury it
     if summary["losses"]:
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:

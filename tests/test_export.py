@@ -1,13 +1,18 @@
 """Export: adapter + processor + recipe record; plain transformers + peft reload gives the same logits."""
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import vlmtune
+from vlmtune.atomic import OutputWriteError
 from vlmtune.data.collator import Collator
 
 
@@ -92,3 +97,53 @@ def test_merge_writes_a_full_checkpoint_with_the_same_logits(tiny_qwen, latex_da
     with torch.no_grad():
         torch.testing.assert_close(full(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
     assert (merged / "chat_template.jinja").exists()
+
+
+def _full_disk(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("where", ["writing", "swapping"])
+def test_a_failed_export_leaves_the_previous_one_and_the_users_files(where, tiny_qwen, tmp_path, monkeypatch):
+    model, processor, adapter = vlmtune.load(tiny_qwen)
+    model = vlmtune.apply_tuning(model, adapter, vlmtune.TuningConfig(vision="frozen"))
+    out = vlmtune.export(model, processor, tmp_path / "out")
+    (out / "notes.txt").write_text("the user's own")
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "vlmtune_checkpoint.json").write_text('{"files": {}}')  # complete, if empty
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if ".lora_B." in n).add_(1.0)  # the next export differs
+
+    if where == "writing":
+
+        def fail(self, folder, **kwargs):
+            raise _full_disk(Path(folder) / "tokenizer.json")
+
+        monkeypatch.setattr(type(processor), "save_pretrained", fail)
+    else:  # the last rename (vlmtune.json) fails: every file already swapped in must be put back
+        replace, failed = os.replace, []
+
+        def fail(src, dst):
+            if Path(dst).name == "vlmtune.json" and not failed:
+                failed.append(dst)
+                raise _full_disk(dst)
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OutputWriteError) as caught:
+        vlmtune.export(model, processor, out)
+    monkeypatch.undo()
+    assert re.fullmatch(
+        f"could not write the export to {re.escape(str(out))}: \\[Errno 28\\] No space left on device: '.*'; "
+        f"its previous files are unchanged; the last good checkpoint is {re.escape(str(checkpoint))}",
+        str(caught.value),
+    )
+    assert caught.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoints"]  # no staging folder left
+
+    vlmtune.export(model, processor, out)  # with room again
+    assert (out / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+    assert (out / "notes.txt").read_text() == "the user's own"

@@ -65,6 +65,17 @@ def test_a_bad_row_stops_the_run_before_any_step(tiny_qwen, tmp_path):
         vlmtune.train(model, processor, adapter, [good], config, tuning)
 
 
+def test_resume_from_checkpoint_is_a_deprecated_name_of_resume():
+    with pytest.warns(FutureWarning, match="use resume"):
+        config = vlmtune.TrainConfig(resume_from_checkpoint=True)
+    assert config.resume is True
+    assert vlmtune.TrainConfig(resume=Path("out/checkpoints/checkpoint-4")).resume == "out/checkpoints/checkpoint-4"
+    with pytest.raises(ValueError, match="set only resume"):
+        vlmtune.TrainConfig(resume=True, resume_from_checkpoint="out/checkpoints/checkpoint-4")
+    with pytest.raises(ValueError, match="save_total_limit must be >= 1"):
+        vlmtune.TrainConfig(save_total_limit=0)
+
+
 def test_tower_learning_rates_make_optimizer_groups(tiny_qwen):
     model, _, adapter, tuning = _tune(tiny_qwen, vision="lora", vision_lr=1e-5, language_lr=3e-4)
     optimizer = make_optimizer(model, adapter, tuning, vlmtune.TrainConfig(lr=1e-4))

@@ -13,11 +13,14 @@ import dataclasses
 import json
 import logging
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vlmtune.atomic import OutputWriteError, fsync_tree, is_write_error, remove_tree, replace_files
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +53,70 @@ def _jsonable(obj: Any) -> Any:
 def export(model, processor, out: str | Path, recipe: Any = None, base_model: str | None = None) -> Path:
     """Write ``adapter_model.safetensors``, ``adapter_config.json``, the processor files and ``vlmtune.json``.
 
+    The files are written to ``out/.export.tmp`` first and moved into ``out`` only when all are whole, so a
+    failure (a full disk) leaves the previous export as it was. Other files in ``out`` (``checkpoints/``, the
+    user's own) are never touched. In a multi-process run the process of rank 0 writes and the others wait for it.
+
     Args:
         model: the trained ``PeftModel``.
         processor: the processor used in training (saved with its chat template).
         out: export folder (created).
         recipe: the run's configuration (dataclasses or dicts), recorded in ``vlmtune.json``.
         base_model: path recorded as the adapter's base model (defaults to the one the model was loaded from).
+
+    Raises:
+        OutputWriteError: ``out`` could not be written (the message names it and the last good checkpoint).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if base_model is not None:
         for config in model.peft_config.values():
             config.base_model_name_or_path = str(base_model)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    record = {"recipe": _jsonable(recipe), "versions": package_versions()}
-    (out / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if _distributed():
+        # Every rank holds the same adapter; one writer keeps the staging folder to itself.
+        if torch.distributed.get_rank() == 0:
+            _write_export(model, processor, out, recipe)
+        torch.distributed.barrier()
+    else:
+        _write_export(model, processor, out, recipe)
     logger.info("exported adapter and processor to %s", out)
     return out
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _write_export(model, processor, out: Path, recipe: Any) -> None:
+    staging = out / ".export.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_tree(staging)  # left by an export that was killed
+        staging.mkdir()
+        if (out / "README.md").is_file():
+            shutil.copy2(out / "README.md", staging / "README.md")  # peft updates an existing model card
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        record = {"recipe": _jsonable(recipe), "versions": package_versions()}
+        (staging / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        fsync_tree(staging)
+        replace_files(staging, out, last="vlmtune.json")
+    except (OSError, RuntimeError) as err:
+        if not is_write_error(err):
+            raise
+        raise _write_error(out, err) from err
+    finally:
+        remove_tree(staging)
+
+
+def _write_error(out: Path, err: BaseException) -> OutputWriteError:
+    from vlmtune.checkpoints import CHECKPOINTS, scan
+
+    latest, _ = scan(out / CHECKPOINTS)
+    last = f"; the last good checkpoint is {latest}" if latest is not None else ""
+    reason = " ".join(str(err).split())
+    error = OutputWriteError(f"could not write the export to {out}: {reason}; its previous files are unchanged{last}")
+    error.errno = getattr(err, "errno", None)
+    return error
 
 
 def load_exported(out: str | Path, base_model: str | Path | None = None, dtype: torch.dtype | None = None):

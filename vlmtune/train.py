@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,14 +46,22 @@ class TrainConfig:
             micro-step (Qwen-VL and Gemma-3).
         image_options: family image options (``max_pixels``, ``do_pan_and_scan`` ...).
         logging_steps: log the loss every N steps.
-        save_steps: checkpoint every N steps (0: no intermediate checkpoints).
+        save_steps: checkpoint every N steps (0: no intermediate checkpoints). A checkpoint is written whole or
+            not at all (:mod:`vlmtune.checkpoints`).
+        save_total_limit: complete checkpoints to keep; older ones are deleted once a new one is in place
+            (``None``: keep all).
         seed: seed of weights init for LoRA, data order and dropout.
         optim: ``"adamw"`` (torch AdamW, fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes' 8-bit AdamW).
         kernels: swap the language tower's hot ops for vlmtune's Triton kernels (``None``: on when the
             model is on CUDA; ``False``: the plain transformers path).
         dataloader_workers: DataLoader worker processes (images decode in them).
         report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
-        resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
+        resume: continue an interrupted run: ``True`` for the newest complete checkpoint in
+            ``<output_dir>/checkpoints``, or the path of a checkpoint (or of a folder of them). The run must be the
+            same (model, trainable parameters, data, batch, schedule ...): a difference is refused, naming it.
+        resume_force: resume even though the run changed since the checkpoint (or from a complete checkpoint
+            an older vlmtune wrote without its marker).
+        resume_from_checkpoint: deprecated name of ``resume``.
     """
 
     output_dir: str = "out"
@@ -78,6 +87,9 @@ class TrainConfig:
     kernels: bool | None = None
     dataloader_workers: int = 0
     report_to: str = "none"
+    save_total_limit: int | None = None
+    resume: bool | str | None = None
+    resume_force: bool = False
     resume_from_checkpoint: str | bool | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +103,15 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.optim not in ("adamw", "adamw_8bit"):
             raise ValueError(f"optim must be 'adamw' or 'adamw_8bit', got {self.optim!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
+        if self.resume_from_checkpoint is not None:
+            if self.resume is not None and self.resume != self.resume_from_checkpoint:
+                raise ValueError("set only resume (resume_from_checkpoint is its deprecated name)")
+            warnings.warn("TrainConfig.resume_from_checkpoint is deprecated: use resume", FutureWarning, stacklevel=3)
+            self.resume, self.resume_from_checkpoint = self.resume_from_checkpoint, None
+        if self.resume is not None and not isinstance(self.resume, bool):
+            self.resume = str(self.resume)  # a Path too
 
 
 @dataclass
@@ -156,6 +177,10 @@ def _loss_recorder(losses: list[float]):
     from transformers import TrainerCallback
 
     class LossRecorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed run starts from the checkpoint's log: the losses are those of the whole run.
+            losses[:] = [float(entry["loss"]) for entry in state.log_history if "loss" in entry]
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
@@ -204,7 +229,9 @@ def train(
     a message naming it before any step runs. ``tuning`` supplies per-tower learning rates; by default it is the
     :class:`TuningConfig` that ``apply_tuning`` built the model with.
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
+
+    from vlmtune.checkpoints import CheckpointTrainer, prepare_resume
 
     tuning = _tuning_for(model, tuning)
     set_seed(config.seed)
@@ -225,26 +252,31 @@ def train(
         data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
         dataset = PackedBins(dataset, config.max_length)
         config = dataclasses.replace(config, batch_size=1)
+    prepared = dataset.prepared if config.packing else dataset
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning))
+    # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
+    checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
     patch = None
     if use_kernels(config, model):
         from vlmtune.kernels.patch import apply_kernels
 
         patch = apply_kernels(model, family)
-    trainer = Trainer(
+    trainer = CheckpointTrainer(
         model=model,
-        args=_training_arguments(config, dtype, find_unused_parameters(model, family, tuning)),
+        args=args,
         train_dataset=dataset,
         data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],
         optimizers=(make_optimizer(model, family, tuning, config), None),
+        fingerprint=fingerprint,
+        save_total_limit=config.save_total_limit,
     )
     try:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         if patch is not None:
             # Evaluation and export see the plain model; generation needs logits the fused loss never builds.
             patch.revert()
-    prepared = dataset.prepared if config.packing else dataset
     return TrainResult(model=model, losses=losses, kept_rows=len(prepared), skipped_rows=dict(prepared.skipped))

@@ -67,6 +67,15 @@ def test_recipe_flags_map_to_the_config():
     assert isinstance(config.tuning, vlmtune.TuningConfig)
 
 
+def test_resume_flags_map_to_the_config():
+    recipe = _recipe()
+    assert recipe.parse_args(["--model", "m"]).training.resume is None
+    assert recipe.parse_args(["--model", "m", "--resume"]).training.resume is True  # the newest complete one
+    config = recipe.parse_args(["--model", "m", "--resume", "out/checkpoints/checkpoint-50", "--resume-force"])
+    assert (config.training.resume, config.training.resume_force) == ("out/checkpoints/checkpoint-50", True)
+    assert recipe.parse_args(["--model", "m", "--save-total-limit", "2"]).training.save_total_limit == 2
+
+
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "minicpmv4_6", "minicpmv"])
 def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex_data, tmp_path):
