@@ -1,6 +1,9 @@
 """Memory options: CPU-resident embeddings, activation offload, vision micro-batches, a frozen vision tower that
 records no autograd graph, vision checkpointing on or off; each gives the plain path's numbers."""
 
+import copy
+import io
+
 import pytest
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -201,3 +204,37 @@ def test_vision_checkpointing_can_be_switched_off_alone(family, tiny_qwen, tiny_
 
 
 # --- a tied lm_head stays tied -----------------------------------------------------------------------------
+
+
+def test_memory_swaps_copy_pickle_and_undo_with_the_model(tiny_gemma):
+    from vlmtune.patching import restore, swap_of, swapped_modules
+    from vlmtune.tuning.memory import MICRO_BATCH, NO_GRAD, OFFLOAD
+
+    model, processor, family = vlmtune.load(tiny_gemma, device="cpu")
+    plain_forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    config = TuningConfig(vision="frozen", vision_micro_batch=1, offload_activations=True)
+    model = apply_tuning(model, family, config).train()
+    tower = model.get_base_model().get_submodule(family.towers["vision"][0])
+    assert swapped_modules(model, OFFLOAD) == [""]
+    assert swap_of(tower, MICRO_BATCH).data == 1 and swap_of(tower, NO_GRAD) is not None
+    batch = collate(
+        Collator(family, processor, model.config),
+        (single("Q", "a"), [noise((40, 64), 0)]),
+        (single("Q2", "b"), [noise((64, 48), 1)]),
+    )
+    loss = model(**batch).loss
+
+    clone = copy.deepcopy(model)
+    clone_tower = clone.get_base_model().get_submodule(family.towers["vision"][0])
+    assert clone_tower.forward.module is clone_tower and swap_of(clone_tower, NO_GRAD).inner.module is clone_tower
+    assert torch.equal(clone(**batch).loss, loss)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(**batch).loss, loss)
+
+    for key, module in ((OFFLOAD, model), (NO_GRAD, tower), (MICRO_BATCH, tower)):  # newest first
+        restore(module, key)
+    assert swap_of(clone_tower, NO_GRAD) is not None  # the copy keeps its own
+    base = model.get_base_model()
+    assert all(m.__dict__.get("forward") is plain_forwards[n] for n, m in base.named_modules() if n in plain_forwards)
