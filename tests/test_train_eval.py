@@ -236,3 +236,52 @@ def test_a_killed_run_leaves_a_report_and_resuming_continues_metrics_jsonl(
     assert elapsed == sorted(elapsed)  # the resumed run continues the wall clock
     report = parse_report((out / run_files.REPORT).read_text())
     assert report.values[("steps", None)] == 6 and sorted({p["step"] for p in report.predictions}) == [0, 6]
+
+
+def test_packed_training_evaluates_on_packed_held_out_rows(tiny_qwen, latex_data, tmp_path):
+    model, processor, family = vlmtune.load(tiny_qwen)
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen"))
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    test_rows = vlmtune.load_rows("latex_ocr", split="test", path=latex_data)
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        lr=5e-3,
+        logging_steps=1,
+        packing=True,
+        max_length=600,
+        eval_rows=[test_rows[i] for i in range(3)],
+        eval_samples=1,
+        eval_max_new_tokens=4,
+        report=False,
+    )
+    result = vlmtune.train(model, processor, family, rows, config)
+    assert [e["step"] for e in result.evaluations] == [0, 2]  # eval_steps 0: before the first step and at the end
+    assert all(e["eval_loss"] > 0 and e["cer"] is not None for e in result.evaluations)
+    assert result.evaluations[1]["eval_loss"] < result.evaluations[0]["eval_loss"]
+    assert not (tmp_path / run_files.METRICS).exists() and not (tmp_path / run_files.REPORT).exists()
+
+
+@pytest.mark.gpu
+def test_kernels_on_give_the_plain_models_evaluation(tiny_qwen, latex_data, tmp_path):
+    # Generation runs with the kernels paused and the eval loss through the fused loss: both must match the plain run.
+    results = []
+    for kernels in (False, True):
+        model, processor, family = vlmtune.load(tiny_qwen)
+        model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen"))
+        rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+        test_rows = vlmtune.load_rows("latex_ocr", split="test", path=latex_data)
+        config = vlmtune.TrainConfig(
+            output_dir=str(tmp_path / str(kernels)),
+            max_steps=2,
+            batch_size=2,
+            logging_steps=1,
+            kernels=kernels,
+            eval_rows=[test_rows[i] for i in range(4)],
+            eval_samples=2,
+            eval_max_new_tokens=8,
+        )
+        results.append(vlmtune.train(model, processor, family, rows, config).evaluations)
+    plain, fused = results
+    assert [e["eval_loss"] for e in fused] == pytest.approx([e["eval_loss"] for e in plain], rel=2e-2)
+    assert fused[0]["cer"] == plain[0]["cer"]  # step 0: the same weights, generated without the kernels
