@@ -201,7 +201,7 @@ def _plots(files: RunFiles) -> str:
             "loss",
             [
                 ("train", steps, [r["loss"] for r in train], "-"),
-                ("eval", eval_steps, [r["eval_loss"] for r in evals], "o-"),
+                ("eval", eval_steps, [r.get("eval_loss") for r in evals], "o-"),
             ],
         ),
         line_plot("learning rate", [("lr", steps, [r["lr"] for r in train], "-")]),
@@ -209,8 +209,8 @@ def _plots(files: RunFiles) -> str:
         line_plot(
             "held-out generation",
             [
-                ("exact match", eval_steps, [r["exact_match"] for r in evals], "o-"),
-                ("CER", eval_steps, [r["cer"] for r in evals], "o-"),
+                ("exact match", eval_steps, [r.get("exact_match") for r in evals], "o-"),
+                ("CER", eval_steps, [r.get("cer") for r in evals], "o-"),
             ],
         ),
     ]
