@@ -5,6 +5,7 @@ predictions and exported checkpoint; a killed run and its resume in a subprocess
 import ast
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,17 @@ def test_metrics_jsonl_has_one_line_per_step_and_per_evaluation(run):
         assert {"eval_loss", "exact_match", "cer", "bleu"} <= r.keys() and r["eval_s"] >= r["generation_s"] > 0
     assert run.evals[-1]["eval_loss"] < run.evals[0]["eval_loss"]
     assert run.result.evaluations == run.evals
+
+
+def test_generation_metrics_are_logged_through_the_trainer(run):
+    # What Trainer.log records is what TensorBoard / W&B receive (their callbacks' on_log); checkpoints keep it.
+    state = json.loads((run.out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry for entry in state["log_history"] if "eval_cer" in entry}
+    assert sorted(logged) == [0, 4, 8]
+    for line in run.evals:
+        assert logged[line["step"]]["eval_cer"] == line["cer"]
+        assert logged[line["step"]]["eval_exact_match"] == line["exact_match"]
+    assert [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e] == [r["eval_loss"] for r in run.evals]
 
 
 def test_bad_eval_rows_are_skipped_and_counted_apart(run):
