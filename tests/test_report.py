@@ -27,7 +27,8 @@ def _write_run(out, finished=True, predictions=True, best_step=None):
         "parameters": 1000,
         "rows": {"train": {"kept": 9, "skipped": {"too long": 1}}, "eval": {"kept": 2, "skipped": {}}},
         "versions": {"torch": "2.x"},
-        "progress": {**progress, "report_latex": True},
+        "config": {"report_latex": True},
+        "progress": progress,
     }
     run_files.write_json(out / run_files.RUN, run)
     for step in (1, 2, 3, 4):

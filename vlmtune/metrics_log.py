@@ -45,7 +45,7 @@ def run_summary(model, family, tuning, config, prepared, eval_prepared, kernels:
         kernels: whether the Triton kernels are on.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    first = next(p for p in model.parameters())
+    first = next(model.parameters())
     rows = {"train": {"kept": len(prepared), "skipped": dict(prepared.skipped)}}
     if eval_prepared is not None:
         rows["eval"] = {"kept": len(eval_prepared), "skipped": dict(eval_prepared.skipped)}
@@ -101,8 +101,8 @@ class MetricsLog(TrainerCallback):
     writes. ``out`` None writes nothing.
     """
 
-    def __init__(self, out: Path | None, summary: dict[str, Any], report_latex: bool = False):
-        self.out, self.summary, self.report_latex = out, summary, report_latex
+    def __init__(self, out: Path | None, summary: dict[str, Any]):
+        self.out, self.summary = out, summary
         self.evaluations: list[dict[str, Any]] = []
         self.last_line: dict[str, Any] = {}
 
@@ -195,7 +195,7 @@ class MetricsLog(TrainerCallback):
     def _write_run(self, args, state, finished: bool) -> None:
         best = state.best_global_step if args.metric_for_best_model and state.best_model_checkpoint else None
         progress = {"max_steps": state.max_steps, "global_step": state.global_step, "finished": finished}
-        progress.update(best_metric=args.metric_for_best_model, best_step=best, report_latex=self.report_latex)
+        progress.update(best_metric=args.metric_for_best_model, best_step=best)
         run_files.write_json(self.out / run_files.RUN, {**self.summary, "progress": progress})
 
     def _refresh(self, args, state, finished: bool) -> None:

@@ -234,7 +234,7 @@ def _evaluations_table(evals: list[dict[str, Any]]) -> str:
 def _samples(files: RunFiles) -> str:
     if not files.samples:
         return '<p class="note">No held-out samples (set TrainConfig.eval_rows and eval_samples).</p>'
-    latex = files.run.get("progress", {}).get("report_latex", False)
+    latex = files.run.get("config", {}).get("report_latex", False)
     after = after_step(files)
     before = files.predictions.get(0)
     after_label = "after training" if files.run.get("progress", {}).get("finished") else "latest"

@@ -167,7 +167,7 @@ def attach(trainer, processor, summary: dict[str, Any], config, eval_prepared, k
                     rows, processor, config.eval_max_new_tokens, config.image_options, kernels, trainer.log, out
                 )
             )
-    metrics_log = MetricsLog(out, summary, report_latex=config.report_latex)
+    metrics_log = MetricsLog(out, summary)
     # GenerationEval adds its metrics to an evaluation before MetricsLog writes it, and before the progress bar.
     callbacks += [metrics_log, RunProgress(metrics_log)]
     trainer.remove_callback(ProgressCallback)
