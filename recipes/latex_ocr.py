@@ -5,8 +5,11 @@
 
 PATH is a local checkpoint folder (Qwen2-VL / Qwen2.5-VL, Gemma-3), DIR holds train/test parquet files with
 `image` and `text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`). OUT receives the
-LoRA adapter, the processor with its chat template, and `vlmtune.json` (this config + package versions);
-checkpoints go to OUT/checkpoints, and `--resume` continues from the newest complete one.
+LoRA adapter, the processor with its chat template, `vlmtune.json` (this config + package versions), and the run's
+record: `metrics.jsonl` and `report.html` (open it in a browser). With `--eval-rows` test rows held out (200 by
+default), the run evaluates before the first step, every `--eval-steps` and at the end: eval loss on all of them,
+exact match / CER / BLEU of greedy predictions on the first `--eval-samples`.
+Checkpoints go to OUT/checkpoints, and `--resume` continues from the newest complete one.
 
 The whole run is :func:`main`: copy this file and change it, rather than adding options to it.
 """
@@ -22,7 +25,6 @@ from dataclasses import dataclass, field
 import vlmtune
 from vlmtune.atomic import OutputWriteError
 from vlmtune.checkpoints import NoCheckpointError, ResumeError
-from vlmtune.evaluate import answer_of, generate, ocr_metrics
 
 logger = logging.getLogger("recipes.latex_ocr")
 
@@ -38,8 +40,8 @@ class LatexOcrConfig:
         spec: data spec (a bundled name or a YAML path).
         quant: ``"none"`` (16-bit LoRA on CUDA, fp32 on CPU), ``"nf4"`` (QLoRA) or ``"int8"``.
         dtype: compute dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``).
-        eval_samples: test rows to generate on after training (0 skips evaluation).
-        max_new_tokens: generation budget at evaluation.
+        eval_rows: test rows held out for evaluation during training (``training.eval_rows``; 0: no evaluation).
+            How often and on how many of them it generates: ``training.eval_steps`` and ``training.eval_samples``.
         tuning: which towers train and how (:class:`vlmtune.TuningConfig`).
         training: optimisation (:class:`vlmtune.TrainConfig`; ``output_dir`` follows ``out``).
     """
@@ -50,27 +52,31 @@ class LatexOcrConfig:
     spec: str = "latex_ocr"
     quant: str = "none"
     dtype: str = "auto"
-    eval_samples: int = 16
-    max_new_tokens: int = 96
+    eval_rows: int = 200
     tuning: vlmtune.TuningConfig = field(default_factory=vlmtune.TuningConfig)
-    training: vlmtune.TrainConfig = field(default_factory=lambda: vlmtune.TrainConfig(max_steps=200))
+    training: vlmtune.TrainConfig = field(
+        default_factory=lambda: vlmtune.TrainConfig(max_steps=200, eval_max_new_tokens=96, report_latex=True)
+    )
 
 
 def main(config: LatexOcrConfig) -> dict:
-    """Load, tune, train, export, evaluate; return the losses and metrics."""
+    """Load, tune, train (evaluating on held-out test rows), export; return the losses and final metrics."""
     config.training.output_dir = config.out
     model, processor, family = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
     model = vlmtune.apply_tuning(model, family, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
+    if config.eval_rows > 0:
+        test_rows = vlmtune.load_rows(config.spec, split="test", path=config.data)
+        config.training.eval_rows = [test_rows[i] for i in range(min(config.eval_rows, len(test_rows)))]
     result = vlmtune.train(model, processor, family, train_rows, config.training, config.tuning)
     vlmtune.export(result.model, processor, config.out, recipe=config, base_model=config.model)
     summary = {"losses": result.losses, "kept_rows": result.kept_rows, "skipped_rows": result.skipped_rows}
-    if config.eval_samples > 0:
-        test_rows = vlmtune.load_rows(config.spec, split="test", path=config.data)
-        rows = [test_rows[i] for i in range(min(config.eval_samples, len(test_rows)))]
-        predictions = generate(result.model, processor, rows, config.max_new_tokens, config.training.image_options)
-        summary["metrics"] = ocr_metrics(predictions, [answer_of(r) for r in rows])
-        logger.info("test metrics on %d rows: %s", len(rows), summary["metrics"])
+    final = result.metrics  # the exported model's: the best checkpoint's with --best-metric, else the last
+    if final:
+        summary["eval_loss"] = final["eval_loss"]
+    if final.get("cer") is not None:
+        summary["metrics"] = {k: final[k] for k in ("exact_match", "cer", "bleu")}
+        logger.info("test metrics on %d rows: %s", config.training.eval_samples, summary["metrics"])
     return summary
 
 
@@ -83,8 +89,13 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
     parser.add_argument("--spec", default="latex_ocr")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 language tower (QLoRA)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="generation budget at evaluation")
+    parser.add_argument("--eval-rows", type=int, default=200, help="test rows held out for evaluation (0: none)")
+    parser.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: at start and end)")
+    parser.add_argument("--eval-samples", type=int, default=16, help="held-out rows generated on per evaluation")
+    parser.add_argument(
+        "--eval-max-new-tokens", "--max-new-tokens", type=int, default=96, help="generation budget at evaluation"
+    )
+    parser.add_argument("--best-metric", choices=["cer", "exact_match", "bleu", "loss"], default=None)
     parser.add_argument("--vision", choices=["frozen", "lora", "full"], default="lora")
     parser.add_argument("--no-tune-vision", action="store_true", help="same as --vision frozen")
     parser.add_argument("--projector", choices=["frozen", "lora", "full"], default="frozen")
@@ -143,6 +154,11 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
         resume=args.resume,
         resume_force=args.resume_force,
+        eval_steps=args.eval_steps,
+        eval_samples=args.eval_samples,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+        best_metric=args.best_metric,
+        report_latex=True,
     )
     return LatexOcrConfig(
         model=args.model,
@@ -151,8 +167,7 @@ def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
         spec=args.spec,
         quant="nf4" if args.qlora else "none",
         dtype=args.dtype,
-        eval_samples=args.eval_samples,
-        max_new_tokens=args.max_new_tokens,
+        eval_rows=args.eval_rows,
         tuning=tuning,
         training=training,
     )
@@ -171,3 +186,5 @@ if __name__ == "__main__":
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:
         print("test metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()})
+    if cfg.training.report:
+        print(f"report: {cfg.out}/report.html")

@@ -73,3 +73,44 @@ def latex_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("latex_ocr")
     make_latex_ocr(24, out, seed=0, test_fraction=0.25)
     return out
+
+
+@pytest.fixture(scope="session")
+def parse_report():
+    """``parse_report(html)``: the values, predictions and images of a ``report.html`` (see vlmtune/report.py)."""
+    import json
+    from html.parser import HTMLParser
+    from types import SimpleNamespace
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.values, self.predictions, self.sources, self._code = {}, [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "src" in attrs or "href" in attrs:
+                self.sources.append((tag, attrs.get("class"), attrs.get("src") or attrs.get("href")))
+            if tag == "td" and "data-key" in attrs:
+                self.values[(attrs["data-key"], attrs.get("data-step"))] = json.loads(attrs["data-value"])
+            if tag == "td" and "prediction" in (attrs.get("class") or "") and "data-step" in attrs:
+                self.predictions.append({"step": int(attrs["data-step"]), "index": int(attrs["data-index"])})
+                self.predictions[-1]["cer"] = json.loads(attrs["data-cer"])
+            if tag == "code" and self.predictions and "text" not in self.predictions[-1]:
+                self._code = []
+
+        def handle_data(self, data):
+            if self._code is not None:
+                self._code.append(data)
+
+        def handle_endtag(self, tag):
+            if tag == "code" and self._code is not None:
+                self.predictions[-1]["text"] = "".join(self._code)
+                self._code = None
+
+    def parse(html: str):
+        reader = Reader()
+        reader.feed(html)
+        return SimpleNamespace(values=reader.values, predictions=reader.predictions, sources=reader.sources)
+
+    return parse

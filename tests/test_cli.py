@@ -1,4 +1,4 @@
-"""The `vlmtune` command line: make-data, tiny, train (forwarded to the recipe), demo (slow)."""
+"""The `vlmtune` command line: make-data, tiny, train (forwarded to the recipe), report, demo (slow)."""
 
 import hashlib
 
@@ -47,8 +47,24 @@ def test_train_forwards_to_the_recipe(tiny_gemma, latex_data, tmp_path, capsys):
             "1",
         ]
     )
-    assert "first loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "first loss" in out and f"report: {tmp_path / 'o'}/report.html" in out
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
+    _assert_a_whole_report(tmp_path / "o", steps=[1, 2], evaluations=[0, 2])
+
+
+def _assert_a_whole_report(out, steps, evaluations):
+    """metrics.jsonl has these steps and evaluations; report.html has every part, with a drawn formula or a mark."""
+    from vlmtune import run_files
+
+    lines = run_files.read_lines(out / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["kind"] == "train"] == steps
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == evaluations
+    html = (out / "report.html").read_text()
+    for part in ("Summary", "Data", "Curves", "Evaluations", "Held-out samples", "Versions and configuration"):
+        assert f"<h2>{part}</h2>" in html
+    assert html.count('class="plot"') == 4 and 'class="input"' in html
+    assert 'class="formula"' in html or "not a drawable formula" in html
 
 
 @pytest.mark.slow
@@ -58,3 +74,17 @@ def test_demo_loss_falls(tmp_path, capsys):
     line = next(line for line in out.splitlines() if "[demo] loss:" in line)
     first, last = (float(x) for x in line.split("first ")[1].split(" over")[0].split(" -> last "))
     assert last < first - 1.0
+    assert f"[demo] report: {tmp_path / 'out' / 'report.html'}" in out
+    _assert_a_whole_report(tmp_path / "out", steps=list(range(10, 101, 10)), evaluations=[0, 25, 50, 75, 100])
+
+
+def test_report_rebuilds_a_runs_report(tmp_path, capsys):
+    from vlmtune import run_files
+
+    run_files.append_line(
+        tmp_path / "metrics.jsonl", {"kind": "eval", "step": 0, "eval_loss": 2.0, "eval_s": 1.0, "elapsed_s": 1.0}
+    )
+    run_files.write_json(tmp_path / "run.json", {"base_model": "m"})
+    main(["report", str(tmp_path)])
+    assert f"wrote {tmp_path / 'report.html'}" in capsys.readouterr().out
+    assert 'data-value="2.0"' in (tmp_path / "report.html").read_text()

@@ -23,6 +23,7 @@ from typing import Any
 
 import transformers
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmtune.atomic import OutputWriteError, fsync_dir, fsync_tree, is_write_error, remove_tree, write_durable
@@ -48,6 +49,14 @@ _FREE_TRAINING = {
     "resume",
     "resume_force",
     "resume_from_checkpoint",
+    # Evaluation and the report read the model; they change no step.
+    "eval_rows",
+    "eval_steps",
+    "eval_samples",
+    "eval_max_new_tokens",
+    "best_metric",
+    "report",
+    "report_latex",
 }
 _FREE_TUNING = {"gradient_checkpointing", "vision_checkpointing", "vision_micro_batch", "embeddings_on_cpu"}
 _FREE_TUNING |= {"offload_activations"}
@@ -198,8 +207,9 @@ def run_fingerprint(model, prepared, training, tuning, world_size: int) -> dict[
     }
     for prefix, config, free in (("training", training, _FREE_TRAINING), ("tuning", tuning, _FREE_TUNING)):
         if config is not None:
-            fields = dataclasses.asdict(config).items()
-            record.update({f"{prefix}.{k}": v for k, v in fields if k not in free})
+            # Field by field (not dataclasses.asdict): a free field may hold rows, which are not copied.
+            fields = [f.name for f in dataclasses.fields(config) if f.name not in free]
+            record.update({f"{prefix}.{k}": getattr(config, k) for k in fields})
     return json.loads(json.dumps(record, default=str))  # the form it takes in the marker, tuples as lists
 
 
@@ -297,12 +307,15 @@ def publish(staged: Path, final: Path, record: dict[str, Any]) -> None:
     remove_tree(aside)
 
 
-def rotate(folder: Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints of ``folder`` beyond the newest ``keep`` (``None``: keep all)."""
+def rotate(folder: Path, keep: int | None, best: str | None = None) -> None:
+    """Delete the oldest complete checkpoints of ``folder`` beyond the newest ``keep`` (``None``: keep all); never
+    ``best``, the best checkpoint so far (``TrainConfig.best_metric``), which the run loads at its end."""
     if not keep:
         return
     complete = sorted((p for p in folder.iterdir() if _FINAL.match(p.name) and not checkpoint_problems(p)), key=step_of)
     for path in complete[:-keep]:
+        if best is not None and path == Path(best):
+            continue
         # The marker goes first: a kill in the middle of the deletion leaves a folder that reads as incomplete.
         try:
             (path / MARKER).unlink()
@@ -355,6 +368,7 @@ class CheckpointTrainer(Trainer):
                     "Trainer._get_output_dir, which vlmtune's crash-safe checkpoints rely on (5.17 to 5.25 do)"
                 )
             if main:
+                self._unstage_best(staging, folder)
                 publish(staging / name, folder / name, self._record())
                 remove_tree(staging)
         except (OSError, RuntimeError) as err:
@@ -362,7 +376,15 @@ class CheckpointTrainer(Trainer):
                 raise
             raise self._write_error(folder, folder / name, staging if main else None, err) from err
         if main:
-            rotate(folder, self._keep)
+            rotate(folder, self._keep, self.state.best_model_checkpoint)
+
+    def _unstage_best(self, staging: Path, folder: Path) -> None:
+        # transformers records the best checkpoint (metric_for_best_model) under the folder it was written to: the
+        # staging one. Point the record at the checkpoint's final place, in the state and in the staged file.
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == staging:
+            self.state.best_model_checkpoint = str(folder / Path(best).name)
+            self.state.save_to_json(str(staging / Path(best).name / TRAINER_STATE_NAME))
 
     def _record(self) -> dict[str, Any]:
         from vlmtune import __version__

@@ -1,4 +1,4 @@
-"""The `vlmtune` command: demo, train, export (merge), generate, eval, make-data.
+"""The `vlmtune` command: demo, train, export (merge), generate, eval, make-data, tiny, report.
 
 vlmtune demo                                            # tiny model, generated data, CPU, ~2 minutes
 vlmtune make-data latex-ocr --n 2000 --out data/latex_ocr --seed 0
@@ -7,6 +7,7 @@ vlmtune export --adapter OUT --merged MERGED [--base PATH]       # merge LoRA in
 vlmtune generate --adapter OUT --image formula.png [--prompt TEXT]
 vlmtune eval --adapter OUT --data DIR [--n 100]
 vlmtune tiny --family qwen2_5_vl --out tiny/qwen
+vlmtune report OUT                                               # rebuild OUT/report.html from the run's files
 """
 
 from __future__ import annotations
@@ -41,11 +42,22 @@ def _demo(args: argparse.Namespace) -> None:
     model, processor, family = vlmtune.load(base)
     model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="lora", language="lora", r=16))
     train_rows = vlmtune.load_rows("latex_ocr", split="train", path=work / "data")
-    held_out = [vlmtune.load_rows("latex_ocr", split="test", path=work / "data")[0]]
+    test_rows = vlmtune.load_rows("latex_ocr", split="test", path=work / "data")
+    held_out = [test_rows[0]]
     before = generate(model, processor, held_out, max_new_tokens=48)[0]
 
     config = vlmtune.TrainConfig(
-        output_dir=str(work / "out"), max_steps=args.steps, batch_size=8, lr=1e-2, logging_steps=10, seed=args.seed
+        output_dir=str(work / "out"),
+        max_steps=args.steps,
+        batch_size=8,
+        lr=1e-2,
+        logging_steps=10,
+        seed=args.seed,
+        eval_rows=[test_rows[i] for i in range(len(test_rows))],
+        eval_steps=max(1, args.steps // 4),
+        eval_samples=4,
+        eval_max_new_tokens=48,
+        report_latex=True,
     )
     result = vlmtune.train(model, processor, family, train_rows, config)
     print(f"[demo] loss: first {result.losses[0]:.3f} -> last {result.losses[-1]:.3f} over {args.steps} steps")
@@ -59,6 +71,7 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"[demo]   before training predicted: {before[:120]!r}")
     print(f"[demo]   after training predicted : {after[:120]!r}")
     print(f"[demo]   after training CER       : {ocr_metrics([after], [reference])['cer']:.3f}")
+    print(f"[demo] report: {work / 'out' / 'report.html'} (metrics per step: {work / 'out' / 'metrics.jsonl'})")
     print(f"[demo] done in {time.time() - start:.0f}s")
 
 
@@ -105,6 +118,12 @@ def _eval(args: argparse.Namespace) -> None:
     rows = [rows[i] for i in range(min(args.n, len(rows)))]
     predictions = generate(model, processor, rows, max_new_tokens=args.max_new_tokens)
     print(ocr_metrics(predictions, [answer_of(r) for r in rows]))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from vlmtune.report import build_report
+
+    print(f"wrote {build_report(args.out)}")
 
 
 def _tiny(args: argparse.Namespace) -> None:
@@ -164,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny)
+
+    report = sub.add_parser("report", help="rebuild OUT/report.html from a run's metrics.jsonl and records")
+    report.add_argument("out", help="the run's output folder")
+    report.set_defaults(func=_report)
     return parser
 
 

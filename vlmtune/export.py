@@ -38,16 +38,27 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` (dataclasses, dicts, lists, scalars) as JSON values; anything else as its ``str``.
+
+    A dataclass field with ``metadata={"record": "length"}`` (``TrainConfig.eval_rows``) is recorded as its
+    length: a config keeps the rows it was handed, and a record of a run must not copy a dataset.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+        return {f.name: _field_record(f, getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def _field_record(spec: dataclasses.Field, value: Any) -> Any:
+    if spec.metadata.get("record") == "length":
+        return None if value is None else {"rows": len(value)}
+    return jsonable(value)
 
 
 def export(model, processor, out: str | Path, recipe: Any = None, base_model: str | None = None) -> Path:
@@ -96,7 +107,7 @@ def _write_export(model, processor, out: Path, recipe: Any) -> None:
             shutil.copy2(out / "README.md", staging / "README.md")  # peft updates an existing model card
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        record = {"recipe": _jsonable(recipe), "versions": package_versions()}
+        record = {"recipe": jsonable(recipe), "versions": package_versions()}
         (staging / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         fsync_tree(staging)
         replace_files(staging, out, last="vlmtune.json")

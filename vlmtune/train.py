@@ -15,6 +15,7 @@ import torch
 
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.families import Family
+from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
 from vlmtune.tuning import TuningConfig, param_groups, tuning_of
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,21 @@ class TrainConfig:
         resume_force: resume even though the run changed since the checkpoint (or from a complete checkpoint
             an older vlmtune wrote without its marker).
         resume_from_checkpoint: deprecated name of ``resume``.
+        eval_rows: held-out canonical rows (``None``: no evaluation). The eval loss runs on all of them, the
+            generation metrics on the first ``eval_samples``, before the first step, every ``eval_steps`` and at
+            the end; bad rows follow ``on_bad_row`` and are counted apart from the training rows. Recorded in
+            ``vlmtune.json`` as a row count only.
+        eval_steps: evaluate every N steps (0: only before the first step and at the end).
+        eval_samples: held-out rows generated on at each evaluation (exact match, CER, BLEU); the report shows up
+            to 16 of them. 0: eval loss only.
+        eval_max_new_tokens: generation budget per row at evaluation.
+        best_metric: keep the checkpoint with the best ``"cer"``, ``"exact_match"``, ``"bleu"`` or eval
+            ``"loss"`` and return (so export) it instead of the last; needs ``eval_steps`` and ``save_steps`` a
+            multiple of it. ``None``: the last model.
+        report: write ``<output_dir>/metrics.jsonl`` while training and ``<output_dir>/report.html`` at every
+            checkpoint and at the end.
+        report_latex: the answers are LaTeX: the report draws each prediction as a formula (matplotlib mathtext)
+            beside the input image.
     """
 
     output_dir: str = "out"
@@ -91,6 +107,13 @@ class TrainConfig:
     resume: bool | str | None = None
     resume_force: bool = False
     resume_from_checkpoint: str | bool | None = None
+    eval_rows: Any = field(default=None, repr=False, compare=False, metadata={"record": "length"})
+    eval_steps: int = 0
+    eval_samples: int = 16
+    eval_max_new_tokens: int = 128
+    best_metric: str | None = None
+    report: bool = True
+    report_latex: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -112,16 +135,35 @@ class TrainConfig:
             self.resume, self.resume_from_checkpoint = self.resume_from_checkpoint, None
         if self.resume is not None and not isinstance(self.resume, bool):
             self.resume = str(self.resume)  # a Path too
+        if self.eval_steps < 0 or self.eval_samples < 0 or self.eval_max_new_tokens < 1:
+            raise ValueError("eval_steps and eval_samples must be >= 0 and eval_max_new_tokens >= 1")
+        check_best_metric(self.best_metric, self.eval_steps, self.save_steps, self.eval_samples)
 
 
 @dataclass
 class TrainResult:
-    """What a run produced: the trained model, per-step losses and the data summary."""
+    """What a run produced: the trained model, per-step losses, the data summary and the evaluations.
+
+    ``evaluations`` are the eval lines of ``metrics.jsonl`` (step, eval_loss, exact_match, cer, bleu, times);
+    ``best_step`` is the step of the checkpoint ``best_metric`` chose (then ``model`` holds it).
+    """
 
     model: Any
     losses: list[float]
     kept_rows: int
     skipped_rows: dict[str, int]
+    kept_eval_rows: int = 0
+    skipped_eval_rows: dict[str, int] = field(default_factory=dict)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """Eval loss, exact match, CER and BLEU of the returned model (the best step's, else the last
+        evaluation's); empty without evaluation."""
+        chosen = [e for e in self.evaluations if e["step"] == self.best_step] or self.evaluations[-1:]
+        keys = ("eval_loss", "exact_match", "cer", "bleu")
+        return {k: chosen[-1][k] for k in keys} if chosen else {}
 
 
 def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
@@ -138,7 +180,7 @@ def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
     return any(group["name"] != "language" for group in param_groups(model, family, tuning, lr=1.0))
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool):
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, has_eval: bool = False):
     from transformers import TrainingArguments
 
     on_cuda = torch.cuda.is_available()
@@ -170,6 +212,7 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bo
         gradient_checkpointing=False,
         # Non-reentrant checkpointing works with it (the reentrant kind is what transformers' own default avoids).
         ddp_find_unused_parameters=find_unused,
+        **eval_arguments(config, has_eval),
     )
 
 
@@ -221,17 +264,27 @@ def _tuning_for(model, tuning: TuningConfig | None) -> TuningConfig:
 
 
 def train(
-    model, processor, family: Family, rows, config: TrainConfig, tuning: TuningConfig | None = None
+    model,
+    processor,
+    family: Family,
+    rows,
+    config: TrainConfig,
+    tuning: TuningConfig | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
 
     Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
     a message naming it before any step runs. ``tuning`` supplies per-tower learning rates; by default it is the
-    :class:`TuningConfig` that ``apply_tuning`` built the model with.
+    :class:`TuningConfig` that ``apply_tuning`` built the model with. With ``config.eval_rows`` the run
+    evaluates as it trains (:mod:`vlmtune.train_eval`); with ``config.report`` it writes ``metrics.jsonl`` and
+    ``report.html`` into ``config.output_dir``. ``callbacks`` are more ``transformers.TrainerCallback``s, run
+    after vlmtune's.
     """
     from transformers import set_seed
 
     from vlmtune.checkpoints import CheckpointTrainer, prepare_resume
+    from vlmtune.metrics_log import run_summary
 
     tuning = _tuning_for(model, tuning)
     set_seed(config.seed)
@@ -244,6 +297,8 @@ def train(
         train_on=config.train_on,
     )
     dataset = PreparedDataset(rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
+    prepared = dataset
+    eval_prepared = eval_dataset = prepare_eval(config, collator)
     data_collator = collator
     if config.packing:
         from vlmtune.data.packing import PackedBins, PackedCollator, collate_bin
@@ -251,32 +306,38 @@ def train(
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
         dataset = PackedBins(dataset, config.max_length)
+        eval_dataset = PackedBins(eval_prepared, config.max_length) if eval_prepared is not None else None
         config = dataclasses.replace(config, batch_size=1)
-    prepared = dataset.prepared if config.packing else dataset
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning))
+    args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning), eval_dataset is not None)
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
     checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
-    patch = None
-    if use_kernels(config, model):
-        from vlmtune.kernels.patch import apply_kernels
-
-        patch = apply_kernels(model, family)
+    kernels = KernelSwitch(model, family, enabled=use_kernels(config, model))
     trainer = CheckpointTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],
         optimizers=(make_optimizer(model, family, tuning, config), None),
         fingerprint=fingerprint,
         save_total_limit=config.save_total_limit,
     )
+    summary = run_summary(model, family, tuning, config, prepared, eval_prepared, kernels.patch is not None)
+    watch = attach(trainer, processor, summary, config, eval_prepared, kernels)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
-        if patch is not None:
-            # Evaluation and export see the plain model; generation needs logits the fused loss never builds.
-            patch.revert()
-    return TrainResult(model=model, losses=losses, kept_rows=len(prepared), skipped_rows=dict(prepared.skipped))
+        # Export sees the plain model; generation needs logits the fused loss never builds.
+        kernels.off()
+    return TrainResult(
+        model=model,
+        losses=losses,
+        kept_rows=len(prepared),
+        skipped_rows=dict(prepared.skipped),
+        **watch.result_fields(trainer),
+    )

@@ -48,12 +48,14 @@ def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path)
             "0",
         ]
     )
-    config.max_new_tokens = 8
+    config.training.eval_max_new_tokens = 8
     summary = recipe.main(config)
     print(json.dumps(summary["losses"]))
-    assert summary["losses"] == pytest.approx(EXPECTED_LOSSES, rel=1e-3)
+    assert summary["losses"] == pytest.approx(EXPECTED_LOSSES, rel=1e-3)  # evaluating while training changes nothing
     assert set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
+    assert summary["eval_loss"] < 8
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert {"metrics.jsonl", "report.html", "run.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
     record = json.loads((tmp_path / "out" / "vlmtune.json").read_text())
     assert record["recipe"]["model"] == str(tiny_qwen)
 
@@ -62,6 +64,10 @@ def test_recipe_flags_map_to_the_config():
     recipe = _recipe()
     config = recipe.parse_args(["--model", "m", "--qlora", "--no-tune-vision", "--no-mlp", "--max-pixels", "50176"])
     assert config.quant == "nf4"
+    assert (config.eval_rows, config.training.eval_steps, config.training.eval_samples) == (200, 0, 16)
+    assert config.training.report_latex and config.training.eval_max_new_tokens == 96
+    evaluating = recipe.parse_args(["--model", "m", "--eval-steps", "5", "--save-steps", "10", "--best-metric", "cer"])
+    assert (evaluating.training.eval_steps, evaluating.training.best_metric) == (5, "cer")
     assert (config.tuning.vision, config.tuning.language, config.tuning.mlp) == ("frozen", "lora", False)
     assert config.training.image_options == {"max_pixels": 50176}
     assert isinstance(config.tuning, vlmtune.TuningConfig)
@@ -99,12 +105,17 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
             "5e-3",
             "--logging-steps",
             "1",
+            "--eval-rows",
+            "2",
             "--eval-samples",
-            "0",
+            "1",
+            "--max-new-tokens",
+            "2",
         ]
     )
     config.quant = quant
     summary = recipe.main(config)
     assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # finite, not NaN
+    assert summary["eval_loss"] == summary["eval_loss"] and set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "vlmtune.json").exists()
