@@ -249,6 +249,18 @@ def use_kernels(config: TrainConfig, model: torch.nn.Module) -> bool:
     return torch.cuda.is_available() and any(p.device.type == "cuda" for p in model.parameters())
 
 
+def _close_progress_bars(trainer) -> None:
+    """Close the progress bars a failed run leaves open (the Trainer closes them only at the end of training), so
+    that they print now and not after the run's error message."""
+    from transformers import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
 def _tuning_for(model, tuning: TuningConfig | None) -> TuningConfig:
     """The tuning to train with: the caller's, else the one the model was built with (see ``apply_tuning``)."""
     built = tuning_of(model)
@@ -334,6 +346,7 @@ def train(
     finally:
         # Export sees the plain model; generation needs logits the fused loss never builds.
         kernels.off()
+        _close_progress_bars(trainer)
     return TrainResult(
         model=model,
         losses=losses,
