@@ -73,7 +73,7 @@ class DataSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DataSpec:
-        """Read a spec file; a bare name like ``"latex_ocr"`` looks in the repository's ``data_specs/``."""
+        """Read a spec file; a bare name like ``"latex_ocr"`` is one of the specs shipped in ``vlmtune/data_specs/``."""
         path = resolve_spec_path(path)
         raw = yaml.safe_load(Path(path).read_text()) or {}
         source = raw.get("source", {})
@@ -90,11 +90,15 @@ class DataSpec:
 
 
 def resolve_spec_path(path: str | Path) -> Path:
-    """A spec file path, trying ``data_specs/<name>.yaml`` next to the package for bare names."""
+    """A spec file path, trying the bundled ``data_specs/<name>.yaml`` for bare names.
+
+    The repository's top-level ``data_specs/`` is the package's ``vlmtune/data_specs/`` (a link in a checkout,
+    package data in a wheel), so the same lookup works installed or not.
+    """
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    bundled = Path(__file__).resolve().parents[2] / "data_specs" / f"{path}.yaml"
+    bundled = Path(__file__).resolve().parents[1] / "data_specs" / f"{path}.yaml"
     if bundled.exists():
         return bundled
     raise FileNotFoundError(f"data spec {str(path)!r} not found (also looked for {bundled})")
