@@ -15,11 +15,13 @@ import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import vlmtune
 from vlmtune.evaluate import answer_of, generate, ocr_metrics
+from vlmtune.flags import HelpFormatter, add_config_flags, config_from_args
 
-logger = logging.getLogger("recipes.latex_ocr")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,8 +45,8 @@ class LatexOcrConfig:
     data: str | None = None
     out: str = "out/latex_ocr"
     spec: str = "latex_ocr"
-    quant: str = "none"
-    dtype: str = "auto"
+    quant: Literal["none", "nf4", "int8"] = "none"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     eval_samples: int = 16
     max_new_tokens: int = 96
     tuning: vlmtune.TuningConfig = field(default_factory=vlmtune.TuningConfig)
@@ -69,75 +71,29 @@ def main(config: LatexOcrConfig) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
-    """Command-line flags → :class:`LatexOcrConfig` (flags mirror the config fields)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--out", default="out/latex_ocr")
-    parser.add_argument("--spec", default="latex_ocr")
-    parser.add_argument("--qlora", action="store_true", help="4-bit NF4 language tower (QLoRA)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="generation budget at evaluation")
-    parser.add_argument("--vision", choices=["frozen", "lora", "full"], default="lora")
-    parser.add_argument("--no-tune-vision", action="store_true", help="same as --vision frozen")
-    parser.add_argument("--projector", choices=["frozen", "lora", "full"], default="frozen")
-    parser.add_argument("--language", choices=["frozen", "lora", "full"], default="lora")
-    parser.add_argument("--no-attention", action="store_true", help="no LoRA on attention projections")
-    parser.add_argument("--no-mlp", action="store_true", help="no LoRA on MLP projections")
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--alpha", type=int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--vision-lr", type=float, default=None, help="vision tower LR (default: --lr)")
-    parser.add_argument("--no-kernels", action="store_true", help="plain transformers path on CUDA")
-    parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--packing", action="store_true", help="padding-free packing into rows of --max-length")
-    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: cap on image pixels")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    tuning = vlmtune.TuningConfig(
-        vision="frozen" if args.no_tune_vision else args.vision,
-        projector=args.projector,
-        language=args.language,
-        attention=not args.no_attention,
-        mlp=not args.no_mlp,
-        r=args.r,
-        alpha=args.alpha,
-        dropout=args.lora_dropout,
-        vision_lr=args.vision_lr,
+_SHORTCUT = {"action": "store_const", "default": argparse.SUPPRESS}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of :class:`LatexOcrConfig` and its nested configs, defaults and help from the dataclasses."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog or '%(prog)s'} --model PATH --data DIR --out OUT [flags]",
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
-    training = vlmtune.TrainConfig(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        max_length=args.max_length,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        seed=args.seed,
-        kernels=False if args.no_kernels else None,
-        packing=args.packing,
-        image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
+    add_config_flags(parser, LatexOcrConfig(), skip={"training.output_dir"}, required={"model"})
+    shortcuts = parser.add_argument_group("shortcuts")
+    shortcuts.add_argument("--qlora", dest="quant", const="nf4", help="= --quant nf4", **_SHORTCUT)
+    shortcuts.add_argument(
+        "--no-tune-vision", dest="tuning.vision", const="frozen", help="= --vision frozen", **_SHORTCUT
     )
-    return LatexOcrConfig(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        spec=args.spec,
-        quant="nf4" if args.qlora else "none",
-        dtype=args.dtype,
-        eval_samples=args.eval_samples,
-        max_new_tokens=args.max_new_tokens,
-        tuning=tuning,
-        training=training,
-    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> LatexOcrConfig:
+    """Command-line flags → :class:`LatexOcrConfig`; an invalid value raises the config's ``ValueError``."""
+    return config_from_args(LatexOcrConfig(), build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+
 @dataclass
 class Swap:
     """What one swap keeps on the module, under its key.

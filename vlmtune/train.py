@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -38,7 +39,8 @@ class TrainConfig:
         overflow: what to do with a sample longer than ``max_length``: ``"drop"`` (skip and count) or
             ``"error"`` (stop naming the row). Images are never cut.
         on_bad_row: a row that cannot be used (missing / unreadable image, empty answer ...): ``"error"`` stops
-            before the first step naming the row; ``"skip"`` drops it and the summary counts skipped rows by kind.
+            before the first step listing every such row; ``"skip"`` drops them and the summary counts them by
+            kind. Either way every bad row (over-long ones too) is written to ``<output_dir>/bad_rows.jsonl``.
         train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
         packing: padding-free packing: samples are binned (first-fit decreasing) into rows of at most
             ``max_length`` tokens, attention kept within each sample; ``batch_size`` is then 1 packed row per
@@ -66,15 +68,15 @@ class TrainConfig:
     scheduler: str = "linear"
     max_grad_norm: float = 1.0
     max_length: int = 2048
-    overflow: str = "drop"
-    on_bad_row: str = "error"
+    overflow: Literal["drop", "error"] = "drop"
+    on_bad_row: Literal["error", "skip"] = "error"
     packing: bool = False
-    train_on: str = "assistant"
+    train_on: Literal["assistant", "all"] = "assistant"
     image_options: dict[str, Any] = field(default_factory=dict)
     logging_steps: int = 10
     save_steps: int = 0
     seed: int = 0
-    optim: str = "adamw"
+    optim: Literal["adamw", "adamw_8bit"] = "adamw"
     kernels: bool | None = None
     dataloader_workers: int = 0
     report_to: str = "none"
@@ -216,7 +218,8 @@ def train(
         image_options=config.image_options,
         train_on=config.train_on,
     )
-    dataset = PreparedDataset(rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
+    bad_rows_path = Path(config.output_dir) / "bad_rows.jsonl"
+    dataset = PreparedDataset(rows, collator, config.overflow, config.on_bad_row, bad_rows_path=bad_rows_path)
     data_collator = collator
     if config.packing:
         from vlmtune.data.packing import PackedBins, PackedCollator, collate_bin

@@ -294,8 +294,9 @@ def test_prepared_dataset_error_mode_names_the_row(qwen):
     processor, config = qwen
     collator = Collator(detect(config), processor, config, max_length=60)
     rows = [row(images=[noise(SMALL)]), row(images=[noise(BIG)])]
-    with pytest.raises(SampleTooLong, match=r"^row 1: has \d+ tokens, more than max_length=60"):
+    with pytest.raises(DataError, match=r"^row 1: has \d+ tokens, more than max_length=60") as info:
         PreparedDataset(rows, collator, overflow="error")
+    assert info.value.kind == "too long" and isinstance(info.value.errors[0], SampleTooLong)
 
 
 def test_prepared_dataset_other_bad_rows_stop_the_run(collator, tmp_path):

@@ -1,32 +1,19 @@
 """The LaTeX-OCR recipe end to end on the tiny Qwen2.5-VL at a fixed seed reproduces a committed loss list."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import vlmtune
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "latex_ocr.py"
+from vlmtune.recipes import latex_ocr
 
 # Recorded with torch 2.14.1 (CPU), transformers 5.23, peft 0.21 on the tiny checkpoint (seed 0) and 24 generated
 # samples (seed 0); a change in any of them, the tokenizer corpus or the collator shows up here first.
 EXPECTED_LOSSES = [7.3441, 6.7269, 6.3740, 6.1718, 5.8001, 5.7112, 5.6087, 5.4696]
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("latex_ocr_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path):
-    recipe = _recipe()
-    config = recipe.parse_args(
+    config = latex_ocr.parse_args(
         [
             "--model",
             str(tiny_qwen),
@@ -49,7 +36,7 @@ def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path)
         ]
     )
     config.max_new_tokens = 8
-    summary = recipe.main(config)
+    summary = latex_ocr.main(config)
     print(json.dumps(summary["losses"]))
     assert summary["losses"] == pytest.approx(EXPECTED_LOSSES, rel=1e-3)
     assert set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
@@ -59,8 +46,9 @@ def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path)
 
 
 def test_recipe_flags_map_to_the_config():
-    recipe = _recipe()
-    config = recipe.parse_args(["--model", "m", "--qlora", "--no-tune-vision", "--no-mlp", "--max-pixels", "50176"])
+    config = latex_ocr.parse_args(
+        ["--model", "m", "--qlora", "--no-tune-vision", "--no-mlp", "--image-options", '{"max_pixels": 50176}']
+    )
     assert config.quant == "nf4"
     assert (config.tuning.vision, config.tuning.language, config.tuning.mlp) == ("frozen", "lora", False)
     assert config.training.image_options == {"max_pixels": 50176}
@@ -73,8 +61,7 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
     from vlmtune.tiny import build
 
     model = build(family, tmp_path / "tiny")
-    recipe = _recipe()
-    config = recipe.parse_args(
+    config = latex_ocr.parse_args(
         [
             "--model",
             str(model),
@@ -95,7 +82,7 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
         ]
     )
     config.quant = quant
-    summary = recipe.main(config)
+    summary = latex_ocr.main(config)
     assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # finite, not NaN
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "vlmtune.json").exists()

@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmtune.data.bad_rows import BadRows, describe, write_bad_rows
 from vlmtune.data.schema import DataError, decoded_messages, load_image, validate_row
 from vlmtune.families.base import Family, ImageBatch, validate_image_options
 
@@ -263,16 +265,25 @@ class Collator:
 class PreparedDataset(torch.utils.data.Dataset):
     """Rows checked once before training, so that no row can break a run deep inside the model.
 
-    Bad rows (missing or unreadable image, empty answer, tag/image mismatch ...) stop the run naming the row
-    (``on_bad_row="error"``, the default) or are skipped and counted by kind (``"skip"``); over-long rows are
-    handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: the run stops naming the row).
-    Nothing is replaced: a skipped row is gone, and :attr:`skipped` says why.
+    Every row is checked before anything stops. Bad rows (missing or unreadable image, empty answer, tag/image
+    mismatch ...) stop the run listing them all (``on_bad_row="error"``, the default; see
+    :class:`~vlmtune.data.bad_rows.BadRows`) or are skipped and counted by kind (``"skip"``); over-long rows are
+    handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: they stop the run too). Nothing is
+    replaced: a skipped row is gone, and :attr:`skipped` says why; :attr:`bad_rows` holds every bad row's error,
+    and with ``bad_rows_path`` they are written there (see :func:`~vlmtune.data.bad_rows.write_bad_rows`).
 
     Items are ``{"index": original_row_index, "row": canonical_row}``; images are re-read per batch, so
     memory holds only the kept indices and lengths.
     """
 
-    def __init__(self, rows, collator: Collator, overflow: str = "drop", on_bad_row: str = "error"):
+    def __init__(
+        self,
+        rows,
+        collator: Collator,
+        overflow: str = "drop",
+        on_bad_row: str = "error",
+        bad_rows_path: str | Path | None = None,
+    ):
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
         if on_bad_row not in BAD_ROWS:
@@ -281,22 +292,28 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.kept: list[int] = []
         self.lengths: list[int] = []
         self.skipped: Counter[str] = Counter()
+        self.bad_rows: list[DataError] = []
+        fatal: list[DataError] = []
         for index in range(len(rows)):
             try:
                 encoded = collator.encode(rows[index], index)
-            except SampleTooLong as err:
-                if overflow == "error":
-                    raise
-                self.skipped[err.kind] += 1
-                continue
             except DataError as err:
-                if on_bad_row == "error":
-                    raise
-                logger.warning("skipping %s", err)
+                self.bad_rows.append(err)
                 self.skipped[err.kind] += 1
+                if (overflow if isinstance(err, SampleTooLong) else on_bad_row) == "error":
+                    fatal.append(err)
                 continue
             self.kept.append(index)
             self.lengths.append(len(encoded.input_ids))
+        path = None
+        if bad_rows_path is not None and self.bad_rows:
+            path = write_bad_rows(self.bad_rows, bad_rows_path)
+        elif bad_rows_path is not None:
+            Path(bad_rows_path).unlink(missing_ok=True)  # an earlier run's list would name rows since fixed
+        if fatal:
+            raise BadRows(fatal, len(rows), path)
+        if self.bad_rows:
+            logger.warning("skipped these rows:\n%s", describe(self.bad_rows, len(rows), path))
         if not self.kept:
             raise DataError("*", f"no usable rows out of {len(rows)} (skipped: {dict(self.skipped)})")
         logger.info("prepared %d of %d rows; skipped %s", len(self.kept), len(rows), dict(self.skipped) or 0)
