@@ -173,3 +173,38 @@ def test_demo_loss_falls(tmp_path, capsys):
     line = next(line for line in out.splitlines() if "[demo] loss:" in line)
     first, last = (float(x) for x in line.split("first ")[1].split(" over")[0].split(" -> last "))
     assert last < first - 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "minicpmv4_6", "minicpmv"])
+def test_export_merged_generate_and_eval_work_for_every_family(family, random_export, latex_data, tmp_path, capsys):
+    import vlmtune
+
+    out, _ = random_export(family)
+    assert main(["export", "--adapter", str(out), "--merged", str(tmp_path / "merged")]) == 0
+    merged, _, detected = vlmtune.load(tmp_path / "merged")
+    assert detected.name == vlmtune.detect(merged.config).name and merged.config.model_type == family
+    image = tmp_path / "formula.png"
+    Image.new("RGB", (64, 32), "white").save(image)
+    assert main(["generate", "--adapter", str(out), "--image", str(image), "--max-new-tokens", "3"]) == 0
+    assert main(["eval", "--adapter", str(out), "--data", str(latex_data), "--n", "1", "--max-new-tokens", "3"]) == 0
+    metrics = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "'exact_match'" in metrics and "'cer'" in metrics and "'bleu'" in metrics
+
+
+def test_a_relative_model_works_from_another_folder(tiny_checkpoint, latex_data, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(tiny_checkpoint("qwen2_5_vl"), tmp_path / "a" / "tiny" / "qwen")
+    monkeypatch.chdir(tmp_path / "a")
+    assert _train("tiny/qwen", latex_data, "out") == 0
+    recorded = json.loads((tmp_path / "a" / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "a" / "tiny" / "qwen")
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    Image.new("RGB", (64, 32), "white").save("formula.png")
+    capsys.readouterr()
+    assert main(["generate", "--adapter", "../a/out", "--image", "formula.png", "--max-new-tokens", "2"]) == 0
+    # The same export once the base has moved away: one message naming the recorded folder, no hub lookup.
+    (tmp_path / "a" / "tiny").rename(tmp_path / "a" / "elsewhere")
+    err = _user_error(capsys, main(["generate", "--adapter", "../a/out", "--image", "formula.png"]))
+    assert f"base model folder {recorded!r} does not exist" in err and "--base" in err

@@ -64,6 +64,20 @@ def read_config(path: Path) -> SimpleNamespace:
     return SimpleNamespace(**json.loads(config.read_text()))
 
 
+def checkpoint_folder(name: str | Path, what: str = "checkpoint folder") -> Path:
+    """The absolute path of a local checkpoint folder, or :class:`FileNotFoundError` naming it.
+
+    The absolute path is what transformers records as ``name_or_path`` (and PEFT as the adapter's base model), so
+    an export names its base in a way that holds from any working directory.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise NotADirectoryError(f"{what} {str(name)!r} is a file, not a folder")
+    raise FileNotFoundError(f"{what} {str(name)!r} does not exist (looked for {path.absolute()})")
+
+
 def _is_prequantized(path: Path) -> bool:
     config = path / "config.json"
     return config.exists() and "quantization_config" in json.loads(config.read_text())
@@ -95,9 +109,7 @@ def load(
 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    path = checkpoint_folder(path)
     family = detect(read_config(path))
     torch_dtype = compute_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
