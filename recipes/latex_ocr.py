@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import vlmtune
+from vlmtune.data.spec import has_split
 from vlmtune.evaluate import answer_of, generate, ocr_metrics
 from vlmtune.flags import HelpFormatter, add_config_flags, config_from_args
 
@@ -30,7 +31,10 @@ class LatexOcrConfig:
 
     Attributes:
         model: local checkpoint folder.
-        data: folder with train/test parquet (``image``, ``text``); overrides the spec's path.
+        data: folder with train/test parquet (``image``, ``text``), or one file of training rows; overrides the
+            spec's path.
+        eval_data: held-out rows to evaluate on (a file, or a folder with a test split); default: the test split
+            of ``data`` when it has one, else no evaluation (with a warning: training rows are never evaluated on).
         out: export folder.
         spec: data spec (a bundled name or a YAML path).
         quant: ``"none"`` (16-bit LoRA on CUDA, fp32 on CPU), ``"nf4"`` (QLoRA) or ``"int8"``.
@@ -43,6 +47,7 @@ class LatexOcrConfig:
 
     model: str = ""
     data: str | None = None
+    eval_data: str | None = None
     out: str = "out/latex_ocr"
     spec: str = "latex_ocr"
     quant: Literal["none", "nf4", "int8"] = "none"
@@ -59,16 +64,30 @@ def main(config: LatexOcrConfig) -> dict:
     model, processor, family = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
     model = vlmtune.apply_tuning(model, family, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
-    result = vlmtune.train(model, processor, family, train_rows, config.training, config.tuning)
+    test_rows = held_out_rows(config)
+    result = vlmtune.train(model, processor, family, train_rows, config.training, config.tuning, test_rows)
     vlmtune.export(result.model, processor, config.out, recipe=config, base_model=config.model)
     summary = {"losses": result.losses, "kept_rows": result.kept_rows, "skipped_rows": result.skipped_rows}
-    if config.eval_samples > 0:
-        test_rows = vlmtune.load_rows(config.spec, split="test", path=config.data)
-        rows = [test_rows[i] for i in range(min(config.eval_samples, len(test_rows)))]
+    if test_rows is not None:
+        rows = [test_rows[i] for i in result.eval_kept[: config.eval_samples]]
         predictions = generate(result.model, processor, rows, config.max_new_tokens, config.training.image_options)
         summary["metrics"] = ocr_metrics(predictions, [answer_of(r) for r in rows])
-        logger.info("test metrics on %d rows: %s", len(rows), summary["metrics"])
+        summary["eval_loss"] = result.eval_loss
+        logger.info("test loss %.4f; metrics on %d rows: %s", result.eval_loss, len(rows), summary["metrics"])
     return summary
+
+
+def held_out_rows(config: LatexOcrConfig):
+    """The rows to evaluate on: ``eval_data``, else ``data``'s test split; ``None`` (warned) when there are none."""
+    if config.eval_samples <= 0:
+        return None
+    if config.eval_data is not None:
+        return vlmtune.load_rows(config.spec, split="test", path=config.eval_data)
+    if not has_split(config.spec, "test", config.data):
+        where = config.data or f"the {config.spec!r} spec's path"
+        logger.warning("%s has no test split: no evaluation (pass --eval-data with held-out rows)", where)
+        return None
+    return vlmtune.load_rows(config.spec, split="test", path=config.data)
 
 
 _SHORTCUT = {"action": "store_const", "default": argparse.SUPPRESS}
@@ -104,4 +123,6 @@ if __name__ == "__main__":
     if summary["losses"]:
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:
-        print("test metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()})
+        print(
+            f"test loss {summary['eval_loss']:.4f}; metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()}
+        )

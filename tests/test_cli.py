@@ -88,7 +88,7 @@ def test_train_runs_the_recipe_and_says_what_it_did(tiny_gemma, latex_data, tmp_
     assert _train(tiny_gemma, latex_data, tmp_path / "o", "--eval-samples", "1") == 0
     assert "first loss" in capsys.readouterr().out
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
-    assert "prepared 18 of 18 rows; skipped 0" in caplog.text
+    assert "prepared 18 of 18 training rows; skipped 0" in caplog.text
     assert f"exported adapter and processor to {tmp_path / 'o'}" in caplog.text
 
 
@@ -158,7 +158,7 @@ def test_skipped_rows_are_named_too_long_ones_included(tiny_qwen, tmp_path, capl
         (5, "too long"),
     ]
     assert "row 5: has " in caplog.text and "more than max_length=256" in caplog.text
-    assert "prepared 2 of 6 rows" in caplog.text
+    assert "prepared 2 of 6 training rows" in caplog.text
 
 
 def test_debug_shows_the_traceback(latex_data, tmp_path):

@@ -150,3 +150,18 @@ def test_two_process_training_with_a_text_only_rank(tiny_qwen, tmp_path):
     for name in names:
         assert torch.equal(ranks[0]["after"][name], ranks[1]["after"][name]), name
         assert not torch.equal(ranks[0]["after"][name], ranks[0]["before"][name]), name
+
+
+def test_held_out_rows_are_checked_and_their_loss_evaluated(tiny_qwen, latex_data, tmp_path):
+    model, processor, adapter, tuning = _tune(tiny_qwen, vision="frozen")
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    held_out = list(vlmtune.load_rows("latex_ocr", split="test", path=latex_data))
+    held_out.insert(1, {**held_out[0], "images": [str(tmp_path / "gone.png")]})
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path), max_steps=2, batch_size=2, eval_steps=1, on_bad_row="skip", logging_steps=1
+    )
+    result = vlmtune.train(model, processor, adapter, rows, config, tuning, eval_rows=held_out)
+    assert result.eval_kept == [i for i in range(len(held_out)) if i != 1]
+    assert result.eval_loss > 0 and len(result.losses) == 2
+    assert '"row": 1, "kind": "missing image"' in (tmp_path / "bad_eval_rows.jsonl").read_text()
+    assert not (tmp_path / "bad_rows.jsonl").exists()

@@ -83,7 +83,9 @@ def _train(argv: list[str]) -> None:
     if summary["losses"]:
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:
-        print("test metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()})
+        print(
+            f"test loss {summary['eval_loss']:.4f}; metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()}
+        )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -230,9 +232,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def configure_logging() -> None:
-    """vlmtune's own INFO messages (rows kept and skipped, where files went) on stderr; other libraries' WARNINGs."""
+    """vlmtune's own INFO messages (rows kept and skipped, where files went) on stderr; other libraries' WARNINGs.
+
+    The per-file progress bars of reading a checkpoint and of datasets' split building are off (they flash by on
+    every command); training's and downloads' bars stay.
+    """
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlmtune").setLevel(logging.INFO)
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def export(model, processor, out: str | Path, recipe: Any = None, base_model: st
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
     }
     (out / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    logger.info("exported adapter and processor to %s", out)
+    logger.info("exported adapter and processor to %s", out.resolve())
     return out
 
 
@@ -124,6 +124,7 @@ def load_exported(
 
     from vlmtune.families import detect
     from vlmtune.loading import checkpoint_folder, read_config
+    from vlmtune.quiet import peft_wrapping
 
     base = checkpoint_folder(base_model, what="base model folder") if base_model is not None else base_of(out)
     family = detect(read_config(base))
@@ -132,7 +133,8 @@ def load_exported(
         base, dtype=dtype or "auto", device_map=device
     )
     processor = (family.load_processor or AutoProcessor.from_pretrained)(out)
-    return PeftModel.from_pretrained(model, out), processor
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, out), processor
 
 
 def merge(out: str | Path, merged: str | Path, base_model: str | Path | None = None, dtype=torch.bfloat16) -> Path:
@@ -150,5 +152,5 @@ def merge(out: str | Path, merged: str | Path, base_model: str | Path | None = N
         base = Path(base_model) if base_model is not None else base_of(out)
         for code in base.glob("*.py"):
             shutil.copy2(code, Path(merged) / code.name)
-    logger.info("merged %s into a %s checkpoint at %s", out, dtype, merged)
+    logger.info("merged %s into a %s checkpoint at %s", out, dtype, Path(merged).resolve())
     return Path(merged)

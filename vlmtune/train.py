@@ -55,6 +55,8 @@ class TrainConfig:
         dataloader_workers: DataLoader worker processes (images decode in them).
         report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
         resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
+        eval_steps: with held-out rows (``train(..., eval_rows=...)``), evaluate their loss every N steps (0: once,
+            after the last step); the loss goes to the log and ``TrainResult.eval_loss``.
     """
 
     output_dir: str = "out"
@@ -81,6 +83,7 @@ class TrainConfig:
     dataloader_workers: int = 0
     report_to: str = "none"
     resume_from_checkpoint: str | bool | None = None
+    eval_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -97,12 +100,17 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: the trained model, per-step losses and the data summary."""
+    """What a run produced: the trained model, per-step losses, the data summary and the held-out loss.
+
+    ``eval_kept`` lists the indices of the held-out rows that passed the checks (all of them unless skipped).
+    """
 
     model: Any
     losses: list[float]
     kept_rows: int
     skipped_rows: dict[str, int]
+    eval_loss: float | None = None
+    eval_kept: list[int] = field(default_factory=list)
 
 
 def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
@@ -119,7 +127,7 @@ def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
     return any(group["name"] != "language" for group in param_groups(model, family, tuning, lr=1.0))
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool):
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool = False):
     from transformers import TrainingArguments
 
     on_cuda = torch.cuda.is_available()
@@ -146,9 +154,12 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bo
         dataloader_num_workers=config.dataloader_workers,
         remove_unused_columns=False,
         report_to=config.report_to,
+        eval_strategy="steps" if evaluate and config.eval_steps > 0 else "no",
+        eval_steps=config.eval_steps if config.eval_steps > 0 else None,
+        per_device_eval_batch_size=config.batch_size,
+        prediction_loss_only=True,  # evaluation reports the loss; logits of a whole eval set would only cost memory
         disable_tqdm=False,
-        # gradient checkpointing is set up by vlmtune.tuning (non-reentrant); don't let Trainer redo it.
-        gradient_checkpointing=False,
+        # Activation checkpointing is set up by vlmtune.tuning (non-reentrant); Trainer's own default (off) leaves it.
         # Non-reentrant checkpointing works with it (the reentrant kind is what transformers' own default avoids).
         ddp_find_unused_parameters=find_unused,
     )
@@ -198,13 +209,15 @@ def _tuning_for(model, tuning: TuningConfig | None) -> TuningConfig:
 
 
 def train(
-    model, processor, family: Family, rows, config: TrainConfig, tuning: TuningConfig | None = None
+    model, processor, family: Family, rows, config: TrainConfig, tuning: TuningConfig | None = None, eval_rows=None
 ) -> TrainResult:
     """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
 
-    Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
-    a message naming it before any step runs. ``tuning`` supplies per-tower learning rates; by default it is the
-    :class:`TuningConfig` that ``apply_tuning`` built the model with.
+    Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): bad rows stop the run, all of them
+    listed, before any step runs (see ``TrainConfig.on_bad_row``). ``tuning`` supplies per-tower learning rates;
+    by default it is the :class:`TuningConfig` that ``apply_tuning`` built the model with. ``eval_rows``, held-out
+    canonical rows, are checked the same way (their bad rows go to ``bad_eval_rows.jsonl``) and their loss is
+    evaluated as ``TrainConfig.eval_steps`` says.
     """
     from transformers import Trainer, set_seed
 
@@ -218,8 +231,14 @@ def train(
         image_options=config.image_options,
         train_on=config.train_on,
     )
-    bad_rows_path = Path(config.output_dir) / "bad_rows.jsonl"
-    dataset = PreparedDataset(rows, collator, config.overflow, config.on_bad_row, bad_rows_path=bad_rows_path)
+    out = Path(config.output_dir)
+    checks = {"overflow": config.overflow, "on_bad_row": config.on_bad_row}
+    dataset = PreparedDataset(rows, collator, **checks, bad_rows_path=out / "bad_rows.jsonl", what="training rows")
+    eval_set = None
+    if eval_rows is not None:
+        eval_set = PreparedDataset(
+            eval_rows, collator, **checks, bad_rows_path=out / "bad_eval_rows.jsonl", what="held-out rows"
+        )
     data_collator = collator
     if config.packing:
         from vlmtune.data.packing import PackedBins, PackedCollator, collate_bin
@@ -227,6 +246,7 @@ def train(
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
         dataset = PackedBins(dataset, config.max_length)
+        eval_set = None if eval_set is None else PackedBins(eval_set, config.max_length)
         config = dataclasses.replace(config, batch_size=1)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -237,17 +257,20 @@ def train(
         patch = apply_kernels(model, family)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, dtype, find_unused_parameters(model, family, tuning)),
+        args=_training_arguments(config, dtype, find_unused_parameters(model, family, tuning), eval_set is not None),
         train_dataset=dataset,
+        eval_dataset=eval_set,
         data_collator=data_collator,
         callbacks=[_loss_recorder(losses)],
         optimizers=(make_optimizer(model, family, tuning, config), None),
     )
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     finally:
         if patch is not None:
             # Evaluation and export see the plain model; generation needs logits the fused loss never builds.
             patch.revert()
     prepared = dataset.prepared if config.packing else dataset
-    return TrainResult(model=model, losses=losses, kept_rows=len(prepared), skipped_rows=dict(prepared.skipped))
+    eval_kept = [] if eval_set is None else list((eval_set.prepared if config.packing else eval_set).kept)
+    return TrainResult(model, losses, len(prepared), dict(prepared.skipped), eval_loss, eval_kept)

@@ -86,3 +86,35 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
     assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # finite, not NaN
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "vlmtune.json").exists()
+
+
+def _short_run(model, data, out, *extra):
+    argv = ["--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "2"]
+    argv += ["--logging-steps", "1", "--vision", "frozen", "--eval-samples", "1", "--max-new-tokens", "2"]
+    return latex_ocr.parse_args([*argv, *extra])
+
+
+@pytest.mark.parametrize("layout", ["one file", "folder without a test split"])
+def test_data_without_a_test_split_trains_and_skips_evaluation_with_one_warning(
+    layout, tiny_qwen, latex_data, tmp_path, caplog
+):
+    data = latex_data / "train.parquet"
+    if layout != "one file":
+        (tmp_path / "only_train").mkdir()
+        data = tmp_path / "only_train" / "train.parquet"
+        data.write_bytes((latex_data / "train.parquet").read_bytes())
+        data = data.parent
+    summary = latex_ocr.main(_short_run(tiny_qwen, data, tmp_path / "out"))
+    assert "metrics" not in summary and len(summary["losses"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{data} has no test split: no evaluation (pass --eval-data with held-out rows)"]
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_eval_data_is_what_evaluation_reads(tiny_qwen, latex_data, tmp_path):
+    held_out = latex_data / "test.parquet"
+    config = _short_run(tiny_qwen, latex_data / "train.parquet", tmp_path / "out", "--eval-data", str(held_out))
+    assert config.eval_data == str(held_out)
+    summary = latex_ocr.main(config)
+    assert set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
+    assert summary["eval_loss"] > 0

@@ -271,6 +271,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: they stop the run too). Nothing is
     replaced: a skipped row is gone, and :attr:`skipped` says why; :attr:`bad_rows` holds every bad row's error,
     and with ``bad_rows_path`` they are written there (see :func:`~vlmtune.data.bad_rows.write_bad_rows`).
+    ``what`` names the rows in log messages (``"training rows"``).
 
     Items are ``{"index": original_row_index, "row": canonical_row}``; images are re-read per batch, so
     memory holds only the kept indices and lengths.
@@ -283,6 +284,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         overflow: str = "drop",
         on_bad_row: str = "error",
         bad_rows_path: str | Path | None = None,
+        what: str = "rows",
     ):
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
@@ -313,10 +315,10 @@ class PreparedDataset(torch.utils.data.Dataset):
         if fatal:
             raise BadRows(fatal, len(rows), path)
         if self.bad_rows:
-            logger.warning("skipped these rows:\n%s", describe(self.bad_rows, len(rows), path))
+            logger.warning("skipped these %s:\n%s", what, describe(self.bad_rows, len(rows), path))
         if not self.kept:
             raise DataError("*", f"no usable rows out of {len(rows)} (skipped: {dict(self.skipped)})")
-        logger.info("prepared %d of %d rows; skipped %s", len(self.kept), len(rows), dict(self.skipped) or 0)
+        logger.info("prepared %d of %d %s; skipped %s", len(self.kept), len(rows), what, dict(self.skipped) or 0)
 
     def __len__(self) -> int:
         return len(self.kept)

@@ -240,6 +240,21 @@ def to_canonical(raw: dict[str, Any], spec: DataSpec, base_dir: Path | None = No
     return {"messages": messages, "images": images}
 
 
+def has_split(spec: DataSpec | str | Path, split: str, path: str | Path | None = None) -> bool:
+    """Whether :func:`load_rows` has its own rows for ``split``: a folder with files named for it.
+
+    A single file is one set of rows whatever the split asked, so it has no held-out split of its own. Hub and
+    image-folder sources name their splits themselves and are taken at their word (``True``).
+    """
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.from_yaml(spec)
+    if spec.source_type in ("hub", "imagefolder"):
+        return True
+    folder = Path(path if path is not None else (spec.path or "."))
+    suffixes = _SUFFIXES[spec.source_type]
+    return folder.is_dir() and any(p.name.startswith(split) and p.suffix in suffixes for p in folder.iterdir())
+
+
 def load_rows(spec: DataSpec | str | Path, split: str = "train", path: str | Path | None = None) -> Rows:
     """Canonical rows of ``split`` for a spec (object, file, or bundled name); ``path`` overrides the spec's."""
     if not isinstance(spec, DataSpec):
