@@ -57,6 +57,9 @@ class TrainConfig:
         resume_from_checkpoint: path of a checkpoint to resume, or ``True`` for the latest in ``output_dir``.
         eval_steps: with held-out rows (``train(..., eval_rows=...)``), evaluate their loss every N steps (0: once,
             after the last step); the loss goes to the log and ``TrainResult.eval_loss``.
+        trainer_args: further ``transformers.TrainingArguments`` fields, passed through as they are (e.g.
+            ``{"lr_scheduler_kwargs": {...}, "torch_compile": True}``); one that TrainConfig sets itself is refused,
+            naming the field to set instead.
     """
 
     output_dir: str = "out"
@@ -84,6 +87,7 @@ class TrainConfig:
     report_to: str = "none"
     resume_from_checkpoint: str | bool | None = None
     eval_steps: int = 0
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.optim not in ("adamw", "adamw_8bit"):
             raise ValueError(f"optim must be 'adamw' or 'adamw_8bit', got {self.optim!r}")
+        if self.trainer_args:
+            check_trainer_args(self)
 
 
 @dataclass
@@ -127,11 +133,10 @@ def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
     return any(group["name"] != "language" for group in param_groups(model, family, tuning, lr=1.0))
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool = False):
-    from transformers import TrainingArguments
-
+def _trainer_kwargs(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` vlmtune sets from a :class:`TrainConfig` (``trainer_args`` may add others)."""
     on_cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    return dict(
         output_dir=f"{config.output_dir}/checkpoints",
         max_steps=config.max_steps if config.max_steps > 0 else -1,
         num_train_epochs=config.epochs,
@@ -159,10 +164,49 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bo
         per_device_eval_batch_size=config.batch_size,
         prediction_loss_only=True,  # evaluation reports the loss; logits of a whole eval set would only cost memory
         disable_tqdm=False,
-        # Activation checkpointing is set up by vlmtune.tuning (non-reentrant); Trainer's own default (off) leaves it.
         # Non-reentrant checkpointing works with it (the reentrant kind is what transformers' own default avoids).
         ddp_find_unused_parameters=find_unused,
     )
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool = False):
+    from transformers import TrainingArguments
+
+    # Activation checkpointing is set up by vlmtune.tuning (non-reentrant); Trainer's own default (off) leaves it.
+    return TrainingArguments(**_trainer_kwargs(config, dtype, find_unused, evaluate), **config.trainer_args)
+
+
+# TrainingArguments that TrainConfig sets under another name, for the message refusing them in trainer_args.
+_RENAMED = {
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "lr",
+    "warmup_steps": "warmup_ratio",
+    "lr_scheduler_type": "scheduler",
+    "save_strategy": "save_steps",
+    "data_seed": "seed",
+    "dataloader_num_workers": "dataloader_workers",
+    "eval_strategy": "eval_steps",
+}
+
+
+def check_trainer_args(config: TrainConfig) -> None:
+    """Refuse ``trainer_args`` that are not ``TrainingArguments`` fields, or that TrainConfig sets itself."""
+    from transformers import TrainingArguments
+
+    unknown = sorted(set(config.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)})
+    if unknown:
+        raise ValueError(f"trainer_args {unknown} are not fields of transformers.TrainingArguments")
+    owned = _trainer_kwargs(config, torch.float32, find_unused=False, evaluate=True)
+    for name in sorted(set(config.trainer_args) & set(owned)):
+        field_name = _RENAMED.get(name, name)
+        where = f"TrainConfig.{field_name}" if field_name in {f.name for f in dataclasses.fields(config)} else None
+        raise ValueError(
+            f"trainer_args[{name!r}] conflicts with what vlmtune sets: "
+            + (f"set {where} instead" if where else "vlmtune chooses it from the device and the data path")
+        )
 
 
 def _loss_recorder(losses: list[float]):

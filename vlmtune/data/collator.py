@@ -326,3 +326,13 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.kept[i]
         return {"index": index, "row": self.rows[index]}
+
+    def to_hf_dataset(self):
+        """The kept rows as a ``datasets.Dataset`` of the same ``{"index", "row"}`` items, for trainers that take
+        nothing else (TRL's ``SFTTrainer``). It stores only the indices; each row is read when an item is."""
+        import datasets
+
+        def read(batch: dict[str, list]) -> dict[str, list]:
+            return {"index": batch["index"], "row": [self.rows[i] for i in batch["index"]]}
+
+        return datasets.Dataset.from_dict({"index": list(self.kept)}).with_transform(read)
