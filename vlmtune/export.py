@@ -71,10 +71,12 @@ def export(model, processor, out: str | Path, recipe: Any = None, base_model: st
         config.base_model_name_or_path = _base_record(base_model or config.base_model_name_or_path)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    base = next(iter(model.peft_config.values())).base_model_name_or_path
     record = {
         "recipe": _jsonable(recipe),
         "versions": package_versions(),
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "base_model_source": "local" if Path(base).is_dir() else "hub",
     }
     (out / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     logger.info("exported adapter and processor to %s", out.resolve())
@@ -91,8 +93,9 @@ def base_of(out: str | Path) -> Path:
     """The base checkpoint an export was trained on, as a local folder; a clear error when it is not one.
 
     Raises:
-        FileNotFoundError: ``out`` is not an export, or the recorded base is not a folder here (no hub lookup
-            is made for it: a folder that moved must be named again, with ``base_model`` / ``--base``).
+        FileNotFoundError: ``out`` is not an export, or the recorded base is not a folder here (the hub is only
+            asked for a base trained from a hub id: a folder that moved must be named again, with
+            ``base_model`` / ``--base``).
     """
     from vlmtune.loading import checkpoint_folder
 
@@ -102,8 +105,10 @@ def base_of(out: str | Path) -> Path:
     recorded = json.loads(config.read_text()).get("base_model_name_or_path")
     if not recorded:
         raise FileNotFoundError(f"{config} records no base model; pass the base checkpoint folder (--base)")
+    record = Path(out) / "vlmtune.json"
+    from_hub = record.is_file() and json.loads(record.read_text()).get("base_model_source") == "hub"
     try:
-        return checkpoint_folder(recorded, what="base model folder")
+        return checkpoint_folder(recorded, what="base model folder", hub=from_hub)
     except (FileNotFoundError, NotADirectoryError) as err:
         raise FileNotFoundError(f"{err}, as recorded in {config}; pass the base checkpoint folder (--base)") from err
 
