@@ -1,12 +1,17 @@
 """Fine-tune a vision-language model on LaTeX-OCR: image of a formula in, its LaTeX out.
 
-    python recipes/latex_ocr.py --model PATH --data DIR --out OUT [--qlora] [--no-tune-vision] [--max-steps 200]
+    vlmtune train --model PATH --data DIR --out OUT [--quant nf4] [--vision frozen] [--max-steps 200]
+    python -m vlmtune.recipes.latex_ocr --model PATH --data DIR --out OUT ...      # the same
 
-PATH is a local checkpoint folder (Qwen2-VL / Qwen2.5-VL, Gemma-3), DIR holds train/test parquet files with
-`image` and `text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`). OUT receives the
-LoRA family, the processor with its chat template, and `vlmtune.json` (this config + package versions).
+PATH is a checkpoint folder of any supported family (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, Gemma-3, MiniCPM-V 2.6 /
+4.x / 4.6), or a hub id read through the Hugging Face cache. DIR holds train/test parquet files with `image` and
+`text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`), or is one file of training rows;
+`--eval-data` names held-out rows elsewhere. OUT receives the LoRA adapter, the processor with its chat template,
+`vlmtune.json` (this config + package versions) and, when some rows cannot be used, `bad_rows.jsonl`.
 
-The whole run is :func:`main`: copy this file and change it, rather than adding options to it.
+Every flag is a field of LatexOcrConfig, TuningConfig or TrainConfig (`--help` lists them with their defaults).
+The whole run is :func:`main`: copy this file (`python -c "import vlmtune.recipes.latex_ocr as r; print(r.__file__)"`)
+and change it, rather than adding options to it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class LatexOcrConfig:
     """Every knob of the recipe, with its default.
 
     Attributes:
-        model: local checkpoint folder.
+        model: checkpoint folder, or a hub id read through the Hugging Face cache.
         data: folder with train/test parquet (``image``, ``text``), or one file of training rows; overrides the
             spec's path.
         eval_data: held-out rows to evaluate on (a file, or a folder with a test split); default: the test split

@@ -161,3 +161,17 @@ def test_merge_writes_a_full_checkpoint_with_the_same_logits(family, random_expo
     with torch.no_grad():
         torch.testing.assert_close(full.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
     assert (merged / "chat_template.jinja").exists()
+
+
+def test_merging_a_released_minicpmv_folder_keeps_its_remote_code_beside_the_config(tiny_minicpmv, tmp_path):
+    base = tmp_path / "released"
+    shutil.copytree(tiny_minicpmv, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMVConfig"}  # as openbmb/MiniCPM-V-2_6 has
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "configuration_minicpm.py").write_text("# the released remote code\n")
+    model, processor, family = vlmtune.load(base)
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen"))
+    merged = vlmtune.merge(vlmtune.export(model, processor, tmp_path / "out"), tmp_path / "merged")
+    assert json.loads((merged / "config.json").read_text())["auto_map"] == config["auto_map"]
+    assert (merged / "configuration_minicpm.py").read_text() == "# the released remote code\n"
