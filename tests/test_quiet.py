@@ -3,7 +3,10 @@
 import logging
 import warnings
 
+import pytest
+
 import vlmtune
+from vlmtune.evaluate import generate
 from vlmtune.quiet import install
 
 
@@ -17,14 +20,21 @@ def test_the_bitsandbytes_cpu_kernel_fetch_warning_is_dropped_and_nothing_else(c
     assert [r.getMessage() for r in caplog.records] == ["some other warning"]
 
 
-def test_tuning_training_and_reloading_warn_nothing(tiny_qwen, latex_data, tmp_path, caplog):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "minicpmv4_6", "minicpmv"])
+def test_tuning_training_reloading_and_generating_warn_nothing(family, tiny_checkpoint, latex_data, tmp_path, caplog):
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     config = vlmtune.TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, processor, family = vlmtune.load(tiny_qwen)
-        model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen"))
-        vlmtune.train(model, processor, family, rows, config)
-        vlmtune.load_exported(vlmtune.export(model, processor, tmp_path / "out"))
+        model, processor, descriptor = vlmtune.load(tiny_checkpoint(family))
+        model = vlmtune.apply_tuning(model, descriptor, vlmtune.TuningConfig(vision="frozen"))
+        vlmtune.train(model, processor, descriptor, rows, config)
+        reloaded, processor = vlmtune.load_exported(vlmtune.export(model, processor, tmp_path / "out"))
+        generate(reloaded, processor, [rows[0]], max_new_tokens=2)
     assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))] == []
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # transformers' "falling back to the reference implementation; install causal_conv1d / flash-linear-attention"
+    # (MiniCPM-V 4.6's DeltaNet layers) says how to get a faster run: actionable, so it stays.
+    logged = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name != "transformers.integrations.hub_kernels"
+    ]
+    assert [r.getMessage() for r in logged] == []

@@ -47,7 +47,10 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    # Every config the forwards read: the top model's, its text config, and those of nested models (MiniCPM-V's llm).
+    configs = [model.config, model.config.get_text_config()]
+    configs += [m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
+    for config in configs:
         config.use_cache = False
 
 
