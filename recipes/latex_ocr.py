@@ -1,17 +1,21 @@
 """Fine-tune a vision-language model on LaTeX-OCR: image of a formula in, its LaTeX out.
 
-    python recipes/latex_ocr.py --model PATH --data DIR --out OUT [--qlora] [--no-tune-vision] [--max-steps 200]
-    python recipes/latex_ocr.py ... --save-steps 50 --resume      # the same command again, after a crash
+    vlmtune train --model PATH --data DIR --out OUT [--quant nf4] [--vision frozen] [--max-steps 200]
+    python -m vlmtune.recipes.latex_ocr --model PATH --data DIR --out OUT ...      # the same
 
-PATH is a local checkpoint folder (Qwen2-VL / Qwen2.5-VL, Gemma-3), DIR holds train/test parquet files with
-`image` and `text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`). OUT receives the
-LoRA adapter, the processor with its chat template, `vlmtune.json` (this config + package versions), and the run's
-record: `metrics.jsonl` and `report.html` (open it in a browser). With `--eval-rows` test rows held out (200 by
-default), the run evaluates before the first step, every `--eval-steps` and at the end: eval loss on all of them,
-exact match / CER / BLEU of greedy predictions on the first `--eval-samples`.
-Checkpoints go to OUT/checkpoints, and `--resume` continues from the newest complete one.
+PATH is a checkpoint folder of any supported family (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, Gemma-3, MiniCPM-V 2.6 /
+4.x / 4.6), or a hub id read through the Hugging Face cache. DIR holds train/test parquet files with `image` and
+`text` columns (make some with `vlmtune make-data latex-ocr --n 2000 --out DIR`), or is one file of training rows;
+`--eval-data` names held-out rows elsewhere. OUT receives the LoRA adapter, the processor with its chat template,
+`vlmtune.json` (this config + package versions), the run's record (`metrics.jsonl`, `report.html`: open it in a
+browser) and, when some rows cannot be used, `bad_rows.jsonl`. Up to `--eval-rows` held-out rows (200) are
+evaluated before the first step, every `--eval-steps` and at the end: eval loss on all of them, exact match / CER /
+BLEU of greedy predictions on the first `--eval-samples`. Checkpoints (`--save-steps N`) go to OUT/checkpoints, and
+`--resume` continues from the newest complete one after a crash.
 
-The whole run is :func:`main`: copy this file and change it, rather than adding options to it.
+Every flag is a field of LatexOcrConfig, TuningConfig or TrainConfig (`--help` lists them with their defaults).
+The whole run is :func:`main`: copy this file (`python -c "import vlmtune.recipes.latex_ocr as r; print(r.__file__)"`)
+and change it, rather than adding options to it.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import vlmtune
 from vlmtune.atomic import OutputWriteError
 from vlmtune.checkpoints import NoCheckpointError, ResumeError
+from vlmtune.data.spec import has_split
+from vlmtune.flags import HelpFormatter, add_config_flags, config_from_args
 
-logger = logging.getLogger("recipes.latex_ocr")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,8 +41,11 @@ class LatexOcrConfig:
     """Every knob of the recipe, with its default.
 
     Attributes:
-        model: local checkpoint folder.
-        data: folder with train/test parquet (``image``, ``text``); overrides the spec's path.
+        model: checkpoint folder, or a hub id read through the Hugging Face cache.
+        data: folder with train/test parquet (``image``, ``text``), or one file of training rows; overrides the
+            spec's path.
+        eval_data: held-out rows to evaluate on (a file, or a folder with a test split); default: the test split
+            of ``data`` when it has one, else no evaluation (with a warning: training rows are never evaluated on).
         out: export folder.
         spec: data spec (a bundled name or a YAML path).
         quant: ``"none"`` (16-bit LoRA on CUDA, fp32 on CPU), ``"nf4"`` (QLoRA) or ``"int8"``.
@@ -48,10 +58,11 @@ class LatexOcrConfig:
 
     model: str = ""
     data: str | None = None
+    eval_data: str | None = None
     out: str = "out/latex_ocr"
     spec: str = "latex_ocr"
-    quant: str = "none"
-    dtype: str = "auto"
+    quant: Literal["none", "nf4", "int8"] = "none"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     eval_rows: int = 200
     tuning: vlmtune.TuningConfig = field(default_factory=vlmtune.TuningConfig)
     training: vlmtune.TrainConfig = field(
@@ -65,8 +76,8 @@ def main(config: LatexOcrConfig) -> dict:
     model, processor, family = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
     model = vlmtune.apply_tuning(model, family, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
-    if config.eval_rows > 0:
-        test_rows = vlmtune.load_rows(config.spec, split="test", path=config.data)
+    test_rows = held_out_rows(config)
+    if test_rows is not None:
         config.training.eval_rows = [test_rows[i] for i in range(min(config.eval_rows, len(test_rows)))]
     result = vlmtune.train(model, processor, family, train_rows, config.training, config.tuning)
     vlmtune.export(result.model, processor, config.out, recipe=config, base_model=config.model)
@@ -80,97 +91,44 @@ def main(config: LatexOcrConfig) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> LatexOcrConfig:
-    """Command-line flags → :class:`LatexOcrConfig` (flags mirror the config fields)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--out", default="out/latex_ocr")
-    parser.add_argument("--spec", default="latex_ocr")
-    parser.add_argument("--qlora", action="store_true", help="4-bit NF4 language tower (QLoRA)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--eval-rows", type=int, default=200, help="test rows held out for evaluation (0: none)")
-    parser.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: at start and end)")
-    parser.add_argument("--eval-samples", type=int, default=16, help="held-out rows generated on per evaluation")
-    parser.add_argument(
-        "--eval-max-new-tokens", "--max-new-tokens", type=int, default=96, help="generation budget at evaluation"
+def held_out_rows(config: LatexOcrConfig):
+    """The rows to evaluate on: ``eval_data``, else ``data``'s test split; ``None`` (warned) when there are none."""
+    if config.eval_rows <= 0:
+        return None
+    if config.eval_data is not None:
+        return vlmtune.load_rows(config.spec, split="test", path=config.eval_data)
+    if not has_split(config.spec, "test", config.data):
+        where = config.data or f"the {config.spec!r} spec's path"
+        logger.warning("%s has no test split: no evaluation (pass --eval-data with held-out rows)", where)
+        return None
+    return vlmtune.load_rows(config.spec, split="test", path=config.data)
+
+
+_SHORTCUT = {"action": "store_const", "default": argparse.SUPPRESS}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of :class:`LatexOcrConfig` and its nested configs, defaults and help from the dataclasses."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog or '%(prog)s'} --model PATH --data DIR --out OUT [flags]",
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--best-metric", choices=["cer", "exact_match", "bleu", "loss"], default=None)
-    parser.add_argument("--vision", choices=["frozen", "lora", "full"], default="lora")
-    parser.add_argument("--no-tune-vision", action="store_true", help="same as --vision frozen")
-    parser.add_argument("--projector", choices=["frozen", "lora", "full"], default="frozen")
-    parser.add_argument("--language", choices=["frozen", "lora", "full"], default="lora")
-    parser.add_argument("--no-attention", action="store_true", help="no LoRA on attention projections")
-    parser.add_argument("--no-mlp", action="store_true", help="no LoRA on MLP projections")
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--alpha", type=int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--vision-lr", type=float, default=None, help="vision tower LR (default: --lr)")
-    parser.add_argument("--no-kernels", action="store_true", help="plain transformers path on CUDA")
-    parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--packing", action="store_true", help="padding-free packing into rows of --max-length")
-    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: cap on image pixels")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
-    parser.add_argument("--save-total-limit", type=int, default=None, help="complete checkpoints to keep")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="PATH",
-        help="continue from the newest complete checkpoint in OUT/checkpoints, or from PATH",
+    # eval_rows are filled from --eval-data / the test split; resume_from_checkpoint is the deprecated name of --resume.
+    skip = {"training.output_dir", "training.eval_rows", "training.resume_from_checkpoint"}
+    add_config_flags(parser, LatexOcrConfig(), skip=skip, required={"model"})
+    shortcuts = parser.add_argument_group("shortcuts")
+    shortcuts.add_argument("--qlora", dest="quant", const="nf4", help="= --quant nf4", **_SHORTCUT)
+    shortcuts.add_argument(
+        "--no-tune-vision", dest="tuning.vision", const="frozen", help="= --vision frozen", **_SHORTCUT
     )
-    parser.add_argument("--resume-force", action="store_true", help="resume even if the run's settings changed")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    tuning = vlmtune.TuningConfig(
-        vision="frozen" if args.no_tune_vision else args.vision,
-        projector=args.projector,
-        language=args.language,
-        attention=not args.no_attention,
-        mlp=not args.no_mlp,
-        r=args.r,
-        alpha=args.alpha,
-        dropout=args.lora_dropout,
-        vision_lr=args.vision_lr,
-    )
-    training = vlmtune.TrainConfig(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        max_length=args.max_length,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        kernels=False if args.no_kernels else None,
-        packing=args.packing,
-        image_options={"max_pixels": args.max_pixels} if args.max_pixels else {},
-        resume=args.resume,
-        resume_force=args.resume_force,
-        eval_steps=args.eval_steps,
-        eval_samples=args.eval_samples,
-        eval_max_new_tokens=args.eval_max_new_tokens,
-        best_metric=args.best_metric,
-        report_latex=True,
-    )
-    return LatexOcrConfig(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        spec=args.spec,
-        quant="nf4" if args.qlora else "none",
-        dtype=args.dtype,
-        eval_rows=args.eval_rows,
-        tuning=tuning,
-        training=training,
-    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> LatexOcrConfig:
+    """Command-line flags → :class:`LatexOcrConfig`; an invalid value raises the config's ``ValueError``."""
+    return config_from_args(LatexOcrConfig(), build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":

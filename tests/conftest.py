@@ -114,3 +114,24 @@ def parse_report():
         return SimpleNamespace(values=reader.values, predictions=reader.predictions, sources=reader.sources)
 
     return parse
+
+
+def random_export(tiny_checkpoint, tmp_path_factory):
+    """``random_export(family)``: ``(export_folder, base_folder)`` of an adapter with random LoRA B (no training)
+    on that family's tiny checkpoint, exported once per test session."""
+    import vlmtune
+    from vlmtune.testing import init_lora_b
+
+    exports = {}
+
+    def export(family: str):
+        if family not in exports:
+            base = tiny_checkpoint(family)
+            model, processor, descriptor = vlmtune.load(base)
+            model = vlmtune.apply_tuning(model, descriptor, vlmtune.TuningConfig(vision="lora", language="lora"))
+            init_lora_b(model, std=0.05)
+            out = vlmtune.export(model, processor, tmp_path_factory.mktemp(f"export_{family}"))
+            exports[family] = (out, base)
+        return exports[family]
+
+    return export

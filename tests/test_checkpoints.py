@@ -50,6 +50,11 @@ def _first_step(run) -> int:
     return int(re.search(r"worker: step (\d+)", run.stderr)[1])  # after a progress bar's \r, on the bar's line
 
 
+def _error_line(run) -> str:
+    """The CLI's one error line (a hint line follows it)."""
+    return next(line for line in run.stderr.splitlines() if line.startswith("vlmtune train: error: "))
+
+
 def _assert_same(result, reference) -> None:
     (adapter, losses), (expected_adapter, expected_losses) = result, reference
     assert losses == expected_losses  # every step, bit for bit
@@ -90,9 +95,9 @@ def test_killed_at_every_stage_of_a_checkpoint_write_the_run_resumes_bit_identic
     first = _train(out, tiny_qwen, latex_data, kill="folder:2")
     assert first.returncode == KILLED, first.stderr[-3000:]
     failed = _train(out, tiny_qwen, latex_data, "--resume")
-    assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines()[-1] == (
-        f"error: cannot resume: no complete checkpoint in the output folder {out} "
+    assert failed.returncode == 2
+    assert _error_line(failed) == (
+        f"vlmtune train: error: cannot resume: no complete checkpoint in the output folder {out} "
         f"(looked in {checkpoints}; skipped incomplete: .checkpoint-2.tmp (a save cut short))"
     )
     assert "Traceback" not in failed.stderr
@@ -137,8 +142,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(
     run = _train(out, tiny_qwen, latex_data, "--save-total-limit", "1", kill="enospc:4")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
-        f"error: could not write checkpoint {checkpoints / 'checkpoint-4'}: [Errno 28] No space left on device: "
-        f"'{checkpoints / 'checkpoint-4'}'; the last good checkpoint is {checkpoints / 'checkpoint-2'} "
+        f"vlmtune train: error: could not write checkpoint {checkpoints / 'checkpoint-4'}: "
+        f"[Errno 28] No space left on device: '{checkpoints / 'checkpoint-4'}'; the last good checkpoint is {checkpoints / 'checkpoint-2'} "
         "(free space or fix permissions, then resume with --resume)"
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]  # no half one, nothing left over

@@ -179,3 +179,40 @@ def test_two_process_training_with_a_text_only_rank(tiny_qwen, tmp_path):
     for name in names:
         assert torch.equal(ranks[0]["after"][name], ranks[1]["after"][name]), name
         assert not torch.equal(ranks[0]["after"][name], ranks[0]["before"][name]), name
+
+
+def test_held_out_rows_are_checked_and_their_loss_evaluated(tiny_qwen, latex_data, tmp_path):
+    model, processor, adapter, tuning = _tune(tiny_qwen, vision="frozen")
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    held_out = list(vlmtune.load_rows("latex_ocr", split="test", path=latex_data))
+    held_out.insert(1, {**held_out[0], "images": [str(tmp_path / "gone.png")]})
+    config = vlmtune.TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        batch_size=2,
+        eval_rows=held_out,
+        eval_steps=1,
+        eval_samples=0,
+        on_bad_row="skip",
+        logging_steps=1,
+    )
+    result = vlmtune.train(model, processor, adapter, rows, config, tuning)
+    assert result.kept_eval_rows == len(held_out) - 1 and result.skipped_eval_rows == {"missing image": 1}
+    assert [e["step"] for e in result.evaluations] == [0, 1, 2]
+    assert result.metrics["eval_loss"] > 0 and len(result.losses) == 2
+    assert '"row": 1, "kind": "missing image"' in (tmp_path / "bad_eval_rows.jsonl").read_text()
+    assert not (tmp_path / "bad_rows.jsonl").exists()
+
+
+def test_trainer_args_pass_through_and_conflicts_are_refused():
+    from vlmtune.train import _training_arguments
+
+    config = vlmtune.TrainConfig(trainer_args={"torch_empty_cache_steps": 3, "lr_scheduler_kwargs": {"power": 2.0}})
+    args = _training_arguments(config, torch.float32, find_unused=False)
+    assert args.torch_empty_cache_steps == 3 and args.lr_scheduler_kwargs == {"power": 2.0}
+    with pytest.raises(ValueError, match=r"trainer_args\['learning_rate'\] conflicts .*set TrainConfig.lr instead"):
+        vlmtune.TrainConfig(trainer_args={"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"trainer_args\['bf16'\] conflicts .*chooses it from the device"):
+        vlmtune.TrainConfig(trainer_args={"bf16": True})
+    with pytest.raises(ValueError, match=r"trainer_args \['learning_rat'\] are not fields of"):
+        vlmtune.TrainConfig(trainer_args={"learning_rat": 1e-3})

@@ -10,6 +10,7 @@ The public API::
     vlmtune.export(result.model, processor, "out", recipe=...)
 """
 
+from vlmtune import quiet
 from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.export import export, load_exported, merge
 from vlmtune.families import detect
@@ -18,6 +19,8 @@ from vlmtune.train import TrainConfig, TrainResult, train
 from vlmtune.tuning import TuningConfig, apply_tuning
 
 __version__ = "0.1.0"
+
+quiet.install()
 
 __all__ = [
     "DataSpec",

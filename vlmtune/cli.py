@@ -2,25 +2,33 @@
 
 vlmtune demo                                            # tiny model, generated data, CPU, ~2 minutes
 vlmtune make-data latex-ocr --n 2000 --out data/latex_ocr --seed 0
-vlmtune train --model PATH --data DIR --out OUT [--qlora] ...   # runs recipes/latex_ocr.py
+vlmtune train --model PATH --data DIR --out OUT [flags]  # the LaTeX-OCR recipe; `vlmtune train --help` lists them
 vlmtune export --adapter OUT --merged MERGED [--base PATH]       # merge LoRA into a 16-bit checkpoint
 vlmtune generate --adapter OUT --image formula.png [--prompt TEXT]
 vlmtune eval --adapter OUT --data DIR [--n 100]
 vlmtune tiny --family qwen2_5_vl --out tiny/qwen
 vlmtune report OUT                                               # rebuild OUT/report.html from the run's files
+
+A mistake in what the user gave (a path, a flag value, a data row, an unsupported model) prints one message and a
+hint on stderr and exits with status 2; `--debug` (or VLMTUNE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import runpy
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from vlmtune.atomic import OutputWriteError
+from vlmtune.data.bad_rows import BadRows
+from vlmtune.data.schema import DataError
+from vlmtune.families import UnsupportedModelError
+
+USER_ERROR = 2
 INSTRUCTION = "Write the LaTeX representation for this image."
 
 
@@ -83,8 +91,18 @@ def _make_data(args: argparse.Namespace) -> None:
 
 
 def _train(argv: list[str]) -> None:
-    sys.argv = [str(RECIPES / "latex_ocr.py"), *argv]
-    runpy.run_path(str(RECIPES / "latex_ocr.py"), run_name="__main__")
+    from vlmtune.recipes import latex_ocr
+
+    config = latex_ocr.parse_args(argv, prog="vlmtune train")
+    summary = latex_ocr.main(config)
+    if summary["losses"]:
+        print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
+    if "metrics" in summary:
+        print(
+            f"test loss {summary['eval_loss']:.4f}; metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()}
+        )
+    if config.training.report:
+        print(f"report: {config.out}/report.html")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -133,9 +151,14 @@ def _tiny(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command except ``train`` (which forwards to the recipe)."""
-    parser = argparse.ArgumentParser(prog="vlmtune", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The argument parser of every sub-command except ``train`` (whose flags come from the recipe's config)."""
+    from vlmtune.tiny import BUILDERS
+
+    parser = argparse.ArgumentParser(
+        prog="vlmtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMTUNE_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="fine-tune the tiny Qwen2.5-VL on generated LaTeX-OCR data (CPU)")
     demo.add_argument("--out", default=None, help="working folder (default: a new temp folder)")
@@ -146,41 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("make-data", help="generate a dataset")
     data.add_argument("kind", choices=["latex-ocr"])
-    data.add_argument("--n", type=int, required=True)
-    data.add_argument("--out", required=True)
+    data.add_argument("--n", type=int, required=True, help="samples in all")
+    data.add_argument("--out", required=True, help="folder for train.parquet and test.parquet")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--test-fraction", type=float, default=0.1)
+    data.add_argument("--test-fraction", type=float, default=0.1, help="share of the samples in test.parquet")
     data.set_defaults(func=_make_data)
 
-    sub.add_parser("train", help="run recipes/latex_ocr.py (all its flags apply)", add_help=False)
+    sub.add_parser("train", help="fine-tune with the LaTeX-OCR recipe (`vlmtune train --help`)", add_help=False)
 
     export = sub.add_parser("export", help="merge an exported adapter into a 16-bit checkpoint")
-    export.add_argument("--adapter", required=True)
-    export.add_argument("--merged", required=True)
-    export.add_argument("--base", default=None, help="base checkpoint (default: the adapter's record)")
+    export.add_argument("--adapter", required=True, help="the folder `vlmtune train --out` wrote")
+    export.add_argument("--merged", required=True, help="folder for the merged checkpoint")
+    export.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
     export.set_defaults(func=_export)
 
     gen = sub.add_parser("generate", help="predict for one image")
-    gen.add_argument("--adapter", required=True)
-    gen.add_argument("--image", required=True)
+    gen.add_argument("--adapter", required=True, help="the folder `vlmtune train --out` wrote")
+    gen.add_argument("--image", required=True, help="image file")
     gen.add_argument("--prompt", default=INSTRUCTION)
-    gen.add_argument("--base", default=None)
+    gen.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="exact match, CER and BLEU on a test split")
-    ev.add_argument("--adapter", required=True)
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--spec", default="latex_ocr")
+    ev.add_argument("--adapter", required=True, help="the folder `vlmtune train --out` wrote")
+    ev.add_argument("--data", required=True, help="data folder or file")
+    ev.add_argument("--spec", default="latex_ocr", help="data spec (a bundled name or a YAML path)")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--n", type=int, default=100)
-    ev.add_argument("--base", default=None)
+    ev.add_argument("--n", type=int, default=100, help="rows to evaluate (the first N)")
+    ev.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.set_defaults(func=_eval)
 
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint")
-    tiny.add_argument("--family", required=True)
-    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--family", required=True, choices=sorted(BUILDERS), help="the model_type to build")
+    tiny.add_argument("--out", required=True, help="folder for the checkpoint")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny)
 
@@ -190,16 +213,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vlmtune`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "train":
+def _hint(err: Exception, command: str) -> str:
+    """What the user can do about ``err``, raised while running ``vlmtune <command>``."""
+    from vlmtune.checkpoints import NoCheckpointError, ResumeError  # here: it imports transformers' Trainer
+
+    if isinstance(err, DataError):
+        if command == "train":
+            return "fix the row(s), or pass --on-bad-row skip to train without them"
+        return "fix the row(s) in the data"
+    if isinstance(err, NoCheckpointError):
+        return "run without --resume to start from the beginning"
+    if isinstance(err, ResumeError):
+        return "resume with the run's own settings, or pass --resume-force to continue the changed run anyway"
+    if isinstance(err, UnsupportedModelError):
+        return "point --model at a checkpoint folder of one of the supported families"
+    if isinstance(err, OSError):
+        return f"relative paths are read from the current folder, {os.getcwd()}"
+    return f"`vlmtune {command} --help` lists every flag and its valid values"
+
+
+def _run(argv: list[str]) -> None:
+    if argv[:1] == ["train"]:
         _train(argv[1:])
         return
     args = build_parser().parse_args(argv)
     args.func(args)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vlmtune`` console script; returns the exit status (2: a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VLMTUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    configure_logging()
+    command = argv[0] if argv else ""
+    try:
+        _run(argv)
+    except SystemExit as exit:  # argparse: --help (0) or a usage error (2)
+        return exit.code if isinstance(exit.code, int) else USER_ERROR
+    except OutputWriteError as err:  # a full disk or no permission: not the user's input, but no bug either
+        if debug:
+            raise
+        print(f"vlmtune {command}: error: {err}", file=sys.stderr)
+        return 1
+    except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+        if debug:
+            raise
+        if isinstance(err, BadRows):
+            listed = "\n".join("  " + line for line in str(err).splitlines())
+            print(f"vlmtune {command}: error: the data has rows that cannot be used:\n{listed}", file=sys.stderr)
+        else:
+            print(f"vlmtune {command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"hint: {_hint(err, command)} (add --debug to see the traceback)", file=sys.stderr)
+        return USER_ERROR
+    return 0
+
+
+def configure_logging() -> None:
+    """vlmtune's own INFO messages (rows kept and skipped, where files went) on stderr; other libraries' WARNINGs.
+
+    The per-file progress bars of reading a checkpoint and of datasets' split building are off (they flash by on
+    every command); training's and downloads' bars stay.
+    """
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlmtune").setLevel(logging.INFO)
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

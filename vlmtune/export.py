@@ -1,10 +1,17 @@
 """Save what a run made: LoRA adapter + processor (+ chat template) + the recipe; merge to 16-bit on demand.
 
-The export folder loads with plain ``transformers`` + ``peft``, no vlmtune import::
+The adapter records its base as an absolute path, and ``vlmtune.json`` the base's ``model_type``.
+:func:`load_exported` reloads any family's export with the family's own loader. Where transformers has the
+family's classes (Qwen-VL, Gemma-3, MiniCPM-V 4.6), the folder also loads with plain ``transformers`` + ``peft``,
+no vlmtune import::
 
     base = AutoModelForImageTextToText.from_pretrained(BASE)
     model = PeftModel.from_pretrained(base, OUT)
     processor = AutoProcessor.from_pretrained(OUT)
+
+MiniCPM-V 2.6 / 4.x in the released layout has no transformers class: its exports load through vlmtune
+(:func:`load_exported`, or :class:`~vlmtune.families.minicpmv.modeling.MiniCPMV` + ``PeftModel`` +
+:class:`~vlmtune.families.minicpmv.processing.MiniCPMVProcessor`).
 """
 
 from __future__ import annotations
@@ -79,17 +86,23 @@ def export(model, processor, out: str | Path, recipe: Any = None, base_model: st
         OutputWriteError: ``out`` could not be written (the message names it and the last good checkpoint).
     """
     out = Path(out)
-    if base_model is not None:
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = str(base_model)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = _base_record(base_model or config.base_model_name_or_path)
+    base = next(iter(model.peft_config.values())).base_model_name_or_path
+    record = {
+        "recipe": jsonable(recipe),
+        "versions": package_versions(),
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "base_model_source": "local" if Path(base).is_dir() else "hub",
+    }
     if _distributed():
         # Every rank holds the same adapter; one writer keeps the staging folder to itself.
         if torch.distributed.get_rank() == 0:
-            _write_export(model, processor, out, recipe)
+            _write_export(model, processor, out, record)
         torch.distributed.barrier()
     else:
-        _write_export(model, processor, out, recipe)
-    logger.info("exported adapter and processor to %s", out)
+        _write_export(model, processor, out, record)
+    logger.info("exported adapter and processor to %s", out.resolve())
     return out
 
 
@@ -97,7 +110,7 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _write_export(model, processor, out: Path, recipe: Any) -> None:
+def _write_export(model, processor, out: Path, record: dict[str, Any]) -> None:
     staging = out / ".export.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +120,6 @@ def _write_export(model, processor, out: Path, recipe: Any) -> None:
             shutil.copy2(out / "README.md", staging / "README.md")  # peft updates an existing model card
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        record = {"recipe": jsonable(recipe), "versions": package_versions()}
         (staging / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         fsync_tree(staging)
         replace_files(staging, out, last="vlmtune.json")
@@ -130,14 +142,63 @@ def _write_error(out: Path, err: BaseException) -> OutputWriteError:
     return error
 
 
-def load_exported(out: str | Path, base_model: str | Path | None = None, dtype: torch.dtype | None = None):
-    """Load an export with plain transformers + peft: ``(model, processor)``."""
-    from peft import PeftConfig, PeftModel
+def _base_record(base: str | Path) -> str:
+    """A local base folder as its absolute path (so the export works from any folder); anything else as given."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(base)
+
+
+def base_of(out: str | Path) -> Path:
+    """The base checkpoint an export was trained on, as a local folder; a clear error when it is not one.
+
+    Raises:
+        FileNotFoundError: ``out`` is not an export, or the recorded base is not a folder here (the hub is only
+            asked for a base trained from a hub id: a folder that moved must be named again, with
+            ``base_model`` / ``--base``).
+    """
+    from vlmtune.loading import checkpoint_folder
+
+    config = Path(out) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(out)!r} holds no adapter_config.json; is it a folder an export wrote?")
+    recorded = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise FileNotFoundError(f"{config} records no base model; pass the base checkpoint folder (--base)")
+    record = Path(out) / "vlmtune.json"
+    from_hub = record.is_file() and json.loads(record.read_text()).get("base_model_source") == "hub"
+    try:
+        return checkpoint_folder(recorded, what="base model folder", hub=from_hub)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise FileNotFoundError(f"{err}, as recorded in {config}; pass the base checkpoint folder (--base)") from err
+
+
+def load_exported(
+    out: str | Path, base_model: str | Path | None = None, dtype: torch.dtype | None = None, device: str | None = None
+):
+    """Load an export for inference: ``(model, processor)``, the base through its family's loader.
+
+    Args:
+        out: the export folder.
+        base_model: the base checkpoint folder (default: the one the export records, see :func:`base_of`).
+        dtype: weights dtype (default: the checkpoint's).
+        device: ``"cuda"``, ``"cpu"`` ... (default: CUDA when present).
+    """
+    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    base_model = base_model or PeftConfig.from_pretrained(out).base_model_name_or_path
-    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype or "auto")
-    return PeftModel.from_pretrained(base, out), AutoProcessor.from_pretrained(out)
+    from vlmtune.families import detect
+    from vlmtune.loading import checkpoint_folder, read_config
+    from vlmtune.quiet import peft_wrapping
+
+    base = checkpoint_folder(base_model, what="base model folder") if base_model is not None else base_of(out)
+    family = detect(read_config(base))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = (family.load_model or AutoModelForImageTextToText.from_pretrained)(
+        base, dtype=dtype or "auto", device_map=device
+    )
+    processor = (family.load_processor or AutoProcessor.from_pretrained)(out)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, out), processor
 
 
 def merge(out: str | Path, merged: str | Path, base_model: str | Path | None = None, dtype=torch.bfloat16) -> Path:
@@ -149,5 +210,11 @@ def merge(out: str | Path, merged: str | Path, base_model: str | Path | None = N
     full = model.merge_and_unload()
     full.save_pretrained(merged, safe_serialization=True)
     processor.save_pretrained(merged)
-    logger.info("merged %s into a %s checkpoint at %s", out, dtype, merged)
+    if getattr(full.config, "auto_map", None):
+        # A released MiniCPM-V 2.6 folder names its remote code in `auto_map`; the merged config keeps that, so
+        # the code must sit beside it for `trust_remote_code=True` users (vlmtune itself never runs it).
+        base = Path(base_model) if base_model is not None else base_of(out)
+        for code in base.glob("*.py"):
+            shutil.copy2(code, Path(merged) / code.name)
+    logger.info("merged %s into a %s checkpoint at %s", out, dtype, Path(merged).resolve())
     return Path(merged)

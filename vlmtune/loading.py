@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from vlmtune.families import Family, detect
+from vlmtune.hub import hub_snapshot, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,25 @@ def read_config(path: Path) -> SimpleNamespace:
     return SimpleNamespace(**json.loads(config.read_text()))
 
 
+def checkpoint_folder(name: str | Path, what: str = "checkpoint folder", hub: bool = True) -> Path:
+    """The absolute path of a local checkpoint folder, or with ``hub`` of a hub id's folder in the HF cache.
+
+    The absolute path is what transformers records as ``name_or_path`` (and PEFT as the adapter's base model), so
+    an export names its base in a way that holds from any working directory.
+
+    Raises:
+        FileNotFoundError: naming ``name`` when it is neither (see :func:`vlmtune.hub.hub_snapshot`).
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise NotADirectoryError(f"{what} {str(name)!r} is a file, not a folder")
+    if hub and is_hub_id(str(name)):
+        return hub_snapshot(str(name))
+    raise FileNotFoundError(f"{what} {str(name)!r} does not exist (looked for {path.absolute()})")
+
+
 def _is_prequantized(path: Path) -> bool:
     config = path / "config.json"
     return config.exists() and "quantization_config" in json.loads(config.read_text())
@@ -79,7 +99,8 @@ def load(
     """Load a checkpoint folder for fine-tuning.
 
     Args:
-        path: local checkpoint folder (config, weights, processor files).
+        path: local checkpoint folder (config, weights, processor files), or a hub id
+            (``"Qwen/Qwen2.5-VL-7B-Instruct"``) read through the Hugging Face cache (see :mod:`vlmtune.hub`).
         quant: ``"none"`` (weights in ``dtype``), ``"nf4"`` (QLoRA: 4-bit NF4 with double quantisation on the
             language tower's linears) or ``"int8"``. A pre-quantised checkpoint (its config has a
             ``quantization_config``) loads as it is, whatever ``quant`` says.
@@ -95,9 +116,7 @@ def load(
 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    given, path = str(path), checkpoint_folder(path)
     family = detect(read_config(path))
     torch_dtype = compute_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +125,8 @@ def load(
         kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype)
     loader = family.load_model or AutoModelForImageTextToText.from_pretrained
     model = loader(path, **kwargs)
+    if is_hub_id(given) and not Path(given).is_dir():
+        model.name_or_path = given  # what an export records as its base: the hub id holds on any machine
     processor = (family.load_processor or AutoProcessor.from_pretrained)(path)
     logger.info("loaded %s (%s, %s, quant=%s) on %s", path, family.name, torch_dtype, quant, device)
     return model, processor, family

@@ -9,7 +9,8 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -40,7 +41,8 @@ class TrainConfig:
         overflow: what to do with a sample longer than ``max_length``: ``"drop"`` (skip and count) or
             ``"error"`` (stop naming the row). Images are never cut.
         on_bad_row: a row that cannot be used (missing / unreadable image, empty answer ...): ``"error"`` stops
-            before the first step naming the row; ``"skip"`` drops it and the summary counts skipped rows by kind.
+            before the first step listing every such row; ``"skip"`` drops them and the summary counts them by
+            kind. Either way every bad row (over-long ones too) is written to ``<output_dir>/bad_rows.jsonl``.
         train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
         packing: padding-free packing: samples are binned (first-fit decreasing) into rows of at most
             ``max_length`` tokens, attention kept within each sample; ``batch_size`` is then 1 packed row per
@@ -78,6 +80,9 @@ class TrainConfig:
             checkpoint and at the end.
         report_latex: the answers are LaTeX: the report draws each prediction as a formula (matplotlib mathtext)
             beside the input image.
+        trainer_args: further ``transformers.TrainingArguments`` fields, passed through as they are (e.g.
+            ``{"lr_scheduler_kwargs": {...}, "torch_compile": True}``); one that TrainConfig sets itself is refused,
+            naming the field to set instead.
     """
 
     output_dir: str = "out"
@@ -91,15 +96,15 @@ class TrainConfig:
     scheduler: str = "linear"
     max_grad_norm: float = 1.0
     max_length: int = 2048
-    overflow: str = "drop"
-    on_bad_row: str = "error"
+    overflow: Literal["drop", "error"] = "drop"
+    on_bad_row: Literal["error", "skip"] = "error"
     packing: bool = False
-    train_on: str = "assistant"
+    train_on: Literal["assistant", "all"] = "assistant"
     image_options: dict[str, Any] = field(default_factory=dict)
     logging_steps: int = 10
     save_steps: int = 0
     seed: int = 0
-    optim: str = "adamw"
+    optim: Literal["adamw", "adamw_8bit"] = "adamw"
     kernels: bool | None = None
     dataloader_workers: int = 0
     report_to: str = "none"
@@ -114,6 +119,7 @@ class TrainConfig:
     best_metric: str | None = None
     report: bool = True
     report_latex: bool = False
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -138,6 +144,8 @@ class TrainConfig:
         if self.eval_steps < 0 or self.eval_samples < 0 or self.eval_max_new_tokens < 1:
             raise ValueError("eval_steps and eval_samples must be >= 0 and eval_max_new_tokens >= 1")
         check_best_metric(self.best_metric, self.eval_steps, self.save_steps, self.eval_samples)
+        if self.trainer_args:
+            check_trainer_args(self)
 
 
 @dataclass
@@ -180,11 +188,10 @@ def find_unused_parameters(model, family: Family, tuning: TuningConfig) -> bool:
     return any(group["name"] != "language" for group in param_groups(model, family, tuning, lr=1.0))
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, has_eval: bool = False):
-    from transformers import TrainingArguments
-
+def _trainer_kwargs(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` vlmtune sets from a :class:`TrainConfig` (``trainer_args`` may add others)."""
     on_cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=f"{config.output_dir}/checkpoints",
         max_steps=config.max_steps if config.max_steps > 0 else -1,
         num_train_epochs=config.epochs,
@@ -208,12 +215,52 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bo
         remove_unused_columns=False,
         report_to=config.report_to,
         disable_tqdm=False,
-        # gradient checkpointing is set up by vlmtune.tuning (non-reentrant); don't let Trainer redo it.
-        gradient_checkpointing=False,
         # Non-reentrant checkpointing works with it (the reentrant kind is what transformers' own default avoids).
         ddp_find_unused_parameters=find_unused,
-        **eval_arguments(config, has_eval),
     )
+    # Evaluation, token counting and the best-checkpoint choice (vlmtune.train_eval).
+    kwargs.update(eval_arguments(config, evaluate))
+    return kwargs
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, find_unused: bool, evaluate: bool = False):
+    from transformers import TrainingArguments
+
+    # Activation checkpointing is set up by vlmtune.tuning (non-reentrant); Trainer's own default (off) leaves it.
+    return TrainingArguments(**_trainer_kwargs(config, dtype, find_unused, evaluate), **config.trainer_args)
+
+
+# TrainingArguments that TrainConfig sets under another name, for the message refusing them in trainer_args.
+_RENAMED = {
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "lr",
+    "warmup_steps": "warmup_ratio",
+    "lr_scheduler_type": "scheduler",
+    "save_strategy": "save_steps",
+    "data_seed": "seed",
+    "dataloader_num_workers": "dataloader_workers",
+    "eval_strategy": "eval_steps",
+}
+
+
+def check_trainer_args(config: TrainConfig) -> None:
+    """Refuse ``trainer_args`` that are not ``TrainingArguments`` fields, or that TrainConfig sets itself."""
+    from transformers import TrainingArguments
+
+    unknown = sorted(set(config.trainer_args) - {f.name for f in dataclasses.fields(TrainingArguments)})
+    if unknown:
+        raise ValueError(f"trainer_args {unknown} are not fields of transformers.TrainingArguments")
+    owned = _trainer_kwargs(config, torch.float32, find_unused=False, evaluate=True)
+    for name in sorted(set(config.trainer_args) & set(owned)):
+        field_name = _RENAMED.get(name, name)
+        where = f"TrainConfig.{field_name}" if field_name in {f.name for f in dataclasses.fields(config)} else None
+        raise ValueError(
+            f"trainer_args[{name!r}] conflicts with what vlmtune sets: "
+            + (f"set {where} instead" if where else "vlmtune chooses it from the device and the data path")
+        )
 
 
 def _loss_recorder(losses: list[float]):
@@ -286,12 +333,12 @@ def train(
 ) -> TrainResult:
     """Train ``model`` (already wrapped by :func:`vlmtune.tuning.apply_tuning`) on canonical ``rows``.
 
-    Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): a bad row stops the run with
-    a message naming it before any step runs. ``tuning`` supplies per-tower learning rates; by default it is the
-    :class:`TuningConfig` that ``apply_tuning`` built the model with. With ``config.eval_rows`` the run
-    evaluates as it trains (:mod:`vlmtune.train_eval`); with ``config.report`` it writes ``metrics.jsonl`` and
-    ``report.html`` into ``config.output_dir``. ``callbacks`` are more ``transformers.TrainerCallback``s, run
-    after vlmtune's.
+    Rows are checked first (:class:`~vlmtune.data.collator.PreparedDataset`): bad rows stop the run, all of them
+    listed and written to ``bad_rows.jsonl``, before any step runs (see ``TrainConfig.on_bad_row``). ``tuning``
+    supplies per-tower learning rates; by default it is the :class:`TuningConfig` that ``apply_tuning`` built the
+    model with. With ``config.eval_rows`` the run evaluates as it trains (:mod:`vlmtune.train_eval`; bad held-out
+    rows go to ``bad_eval_rows.jsonl``); with ``config.report`` it writes ``metrics.jsonl`` and ``report.html``
+    into ``config.output_dir``. ``callbacks`` are more ``transformers.TrainerCallback``s, run after vlmtune's.
     """
     from transformers import set_seed
 
@@ -308,7 +355,15 @@ def train(
         image_options=config.image_options,
         train_on=config.train_on,
     )
-    dataset = PreparedDataset(rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
+    out = Path(config.output_dir)
+    dataset = PreparedDataset(
+        rows,
+        collator,
+        overflow=config.overflow,
+        on_bad_row=config.on_bad_row,
+        bad_rows_path=out / "bad_rows.jsonl",
+        what="training rows",
+    )
     prepared = dataset
     eval_prepared = eval_dataset = prepare_eval(config, collator)
     data_collator = collator

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmtune.data.bad_rows import BadRows
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.data.schema import DataError
 
@@ -75,7 +76,17 @@ def prepare_eval(config, collator: Collator) -> PreparedDataset | None:
             raise ValueError(f"best_metric={config.best_metric!r} needs held-out rows: set TrainConfig.eval_rows")
         return None
     try:
-        return PreparedDataset(config.eval_rows, collator, overflow=config.overflow, on_bad_row=config.on_bad_row)
+        return PreparedDataset(
+            config.eval_rows,
+            collator,
+            overflow=config.overflow,
+            on_bad_row=config.on_bad_row,
+            bad_rows_path=Path(config.output_dir) / "bad_eval_rows.jsonl",
+            what="held-out rows",
+        )
+    except BadRows as err:
+        errors = [DataError(e.row, e.reason, e.kind, where=f"eval row {e.row}") for e in err.errors]
+        raise BadRows(errors, err.total, err.path) from err
     except DataError as err:
         raise DataError(err.row, err.reason, err.kind, where=f"eval row {err.row}") from err
 

@@ -294,8 +294,9 @@ def test_prepared_dataset_error_mode_names_the_row(qwen):
     processor, config = qwen
     collator = Collator(detect(config), processor, config, max_length=60)
     rows = [row(images=[noise(SMALL)]), row(images=[noise(BIG)])]
-    with pytest.raises(SampleTooLong, match=r"^row 1: has \d+ tokens, more than max_length=60"):
+    with pytest.raises(DataError, match=r"^row 1: has \d+ tokens, more than max_length=60") as info:
         PreparedDataset(rows, collator, overflow="error")
+    assert info.value.kind == "too long" and isinstance(info.value.errors[0], SampleTooLong)
 
 
 def test_prepared_dataset_other_bad_rows_stop_the_run(collator, tmp_path):
@@ -375,3 +376,12 @@ def test_train_on_all_labels_every_non_image_token(tiny_paths):
     assert assistant_only.input_ids == enc.input_ids
     supervised = {i for i, label in enumerate(assistant_only.labels) if label != IGNORE_INDEX}
     assert supervised < {i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX}
+
+
+def test_prepared_rows_as_a_datasets_dataset_read_rows_lazily(collator, tmp_path):
+    rows = [row(), row(images=[str(tmp_path / "gone.png")]), row()]
+    prepared = PreparedDataset(rows, collator, on_bad_row="skip")
+    dataset = prepared.to_hf_dataset()
+    assert dataset.column_names == ["index"] and len(dataset) == 2
+    assert dataset[1] == {"index": 2, "row": rows[2]} == prepared[1]
+    assert collator([dataset[0], dataset[1]])["input_ids"].shape[0] == 2

@@ -50,3 +50,15 @@ def test_chat_rows_example_skips_and_counts_bad_rows(tiny_gemma, tmp_path):
         "chat_rows.py", "--model", str(tiny_gemma), "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2"
     )
     assert "trained on 2 rows, skipped {'missing image': 1}" in out
+
+
+def test_trl_example_trains_with_vlmtunes_collator_and_its_loss_falls(tiny_qwen, latex_data, tmp_path):
+    out = _run(
+        "trl_sft.py", "--model", str(tiny_qwen), "--data", str(latex_data), "--out", str(tmp_path), "--steps", "8"
+    )
+    line = next(line for line in out.splitlines() if line.startswith("loss "))
+    first, last = (float(x) for x in line.split()[1:4:2])
+    assert last < first - 1.0, line
+    assert "over 8 steps" in line
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] and all("visual" not in m for m in config["target_modules"])

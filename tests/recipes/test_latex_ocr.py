@@ -1,32 +1,19 @@
 """The LaTeX-OCR recipe end to end on the tiny Qwen2.5-VL at a fixed seed reproduces a committed loss list."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import vlmtune
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "latex_ocr.py"
+from vlmtune.recipes import latex_ocr
 
 # Recorded with torch 2.14.1 (CPU), transformers 5.23, peft 0.21 on the tiny checkpoint (seed 0) and 24 generated
 # samples (seed 0); a change in any of them, the tokenizer corpus or the collator shows up here first.
 EXPECTED_LOSSES = [7.3441, 6.7269, 6.3740, 6.1718, 5.8001, 5.7112, 5.6087, 5.4696]
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("latex_ocr_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path):
-    recipe = _recipe()
-    config = recipe.parse_args(
+    config = latex_ocr.parse_args(
         [
             "--model",
             str(tiny_qwen),
@@ -49,7 +36,7 @@ def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path)
         ]
     )
     config.training.eval_max_new_tokens = 8
-    summary = recipe.main(config)
+    summary = latex_ocr.main(config)
     print(json.dumps(summary["losses"]))
     assert summary["losses"] == pytest.approx(EXPECTED_LOSSES, rel=1e-3)  # evaluating while training changes nothing
     assert set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
@@ -61,12 +48,15 @@ def test_recipe_reproduces_the_committed_losses(tiny_qwen, latex_data, tmp_path)
 
 
 def test_recipe_flags_map_to_the_config():
-    recipe = _recipe()
-    config = recipe.parse_args(["--model", "m", "--qlora", "--no-tune-vision", "--no-mlp", "--max-pixels", "50176"])
+    config = latex_ocr.parse_args(
+        ["--model", "m", "--qlora", "--no-tune-vision", "--no-mlp", "--image-options", '{"max_pixels": 50176}']
+    )
     assert config.quant == "nf4"
     assert (config.eval_rows, config.training.eval_steps, config.training.eval_samples) == (200, 0, 16)
     assert config.training.report_latex and config.training.eval_max_new_tokens == 96
-    evaluating = recipe.parse_args(["--model", "m", "--eval-steps", "5", "--save-steps", "10", "--best-metric", "cer"])
+    evaluating = latex_ocr.parse_args(
+        ["--model", "m", "--eval-steps", "5", "--save-steps", "10", "--best-metric", "cer"]
+    )
     assert (evaluating.training.eval_steps, evaluating.training.best_metric) == (5, "cer")
     assert (config.tuning.vision, config.tuning.language, config.tuning.mlp) == ("frozen", "lora", False)
     assert config.training.image_options == {"max_pixels": 50176}
@@ -74,12 +64,11 @@ def test_recipe_flags_map_to_the_config():
 
 
 def test_resume_flags_map_to_the_config():
-    recipe = _recipe()
-    assert recipe.parse_args(["--model", "m"]).training.resume is None
-    assert recipe.parse_args(["--model", "m", "--resume"]).training.resume is True  # the newest complete one
-    config = recipe.parse_args(["--model", "m", "--resume", "out/checkpoints/checkpoint-50", "--resume-force"])
+    assert latex_ocr.parse_args(["--model", "m"]).training.resume is None
+    assert latex_ocr.parse_args(["--model", "m", "--resume"]).training.resume is True  # the newest complete one
+    config = latex_ocr.parse_args(["--model", "m", "--resume", "out/checkpoints/checkpoint-50", "--resume-force"])
     assert (config.training.resume, config.training.resume_force) == ("out/checkpoints/checkpoint-50", True)
-    assert recipe.parse_args(["--model", "m", "--save-total-limit", "2"]).training.save_total_limit == 2
+    assert latex_ocr.parse_args(["--model", "m", "--save-total-limit", "2"]).training.save_total_limit == 2
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
@@ -88,8 +77,7 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
     from vlmtune.tiny import build
 
     model = build(family, tmp_path / "tiny")
-    recipe = _recipe()
-    config = recipe.parse_args(
+    config = latex_ocr.parse_args(
         [
             "--model",
             str(model),
@@ -114,8 +102,40 @@ def test_every_family_trains_and_exports_through_the_recipe(family, quant, latex
         ]
     )
     config.quant = quant
-    summary = recipe.main(config)
+    summary = latex_ocr.main(config)
     assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # finite, not NaN
     assert summary["eval_loss"] == summary["eval_loss"] and set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "vlmtune.json").exists()
+
+
+def _short_run(model, data, out, *extra):
+    argv = ["--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "2"]
+    argv += ["--logging-steps", "1", "--vision", "frozen", "--eval-samples", "1", "--eval-max-new-tokens", "2"]
+    return latex_ocr.parse_args([*argv, *extra])
+
+
+@pytest.mark.parametrize("layout", ["one file", "folder without a test split"])
+def test_data_without_a_test_split_trains_and_skips_evaluation_with_one_warning(
+    layout, tiny_qwen, latex_data, tmp_path, caplog
+):
+    data = latex_data / "train.parquet"
+    if layout != "one file":
+        (tmp_path / "only_train").mkdir()
+        data = tmp_path / "only_train" / "train.parquet"
+        data.write_bytes((latex_data / "train.parquet").read_bytes())
+        data = data.parent
+    summary = latex_ocr.main(_short_run(tiny_qwen, data, tmp_path / "out"))
+    assert "metrics" not in summary and len(summary["losses"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{data} has no test split: no evaluation (pass --eval-data with held-out rows)"]
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_eval_data_is_what_evaluation_reads(tiny_qwen, latex_data, tmp_path):
+    held_out = latex_data / "test.parquet"
+    config = _short_run(tiny_qwen, latex_data / "train.parquet", tmp_path / "out", "--eval-data", str(held_out))
+    assert config.eval_data == str(held_out)
+    summary = latex_ocr.main(config)
+    assert set(summary["metrics"]) == {"exact_match", "cer", "bleu"}
+    assert summary["eval_loss"] > 0

@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmtune.data.bad_rows import BadRows, describe, write_bad_rows
 from vlmtune.data.schema import DataError, decoded_messages, load_image, validate_row
 from vlmtune.families.base import Family, ImageBatch, validate_image_options
 
@@ -263,16 +265,27 @@ class Collator:
 class PreparedDataset(torch.utils.data.Dataset):
     """Rows checked once before training, so that no row can break a run deep inside the model.
 
-    Bad rows (missing or unreadable image, empty answer, tag/image mismatch ...) stop the run naming the row
-    (``on_bad_row="error"``, the default) or are skipped and counted by kind (``"skip"``); over-long rows are
-    handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: the run stops naming the row).
-    Nothing is replaced: a skipped row is gone, and :attr:`skipped` says why.
+    Every row is checked before anything stops. Bad rows (missing or unreadable image, empty answer, tag/image
+    mismatch ...) stop the run listing them all (``on_bad_row="error"``, the default; see
+    :class:`~vlmtune.data.bad_rows.BadRows`) or are skipped and counted by kind (``"skip"``); over-long rows are
+    handled as ``overflow`` says (``"drop"``: skipped and counted; ``"error"``: they stop the run too). Nothing is
+    replaced: a skipped row is gone, and :attr:`skipped` says why; :attr:`bad_rows` holds every bad row's error,
+    and with ``bad_rows_path`` they are written there (see :func:`~vlmtune.data.bad_rows.write_bad_rows`).
+    ``what`` names the rows in log messages (``"training rows"``).
 
     Items are ``{"index": original_row_index, "row": canonical_row}``; images are re-read per batch, so
     memory holds only the kept indices and lengths.
     """
 
-    def __init__(self, rows, collator: Collator, overflow: str = "drop", on_bad_row: str = "error"):
+    def __init__(
+        self,
+        rows,
+        collator: Collator,
+        overflow: str = "drop",
+        on_bad_row: str = "error",
+        bad_rows_path: str | Path | None = None,
+        what: str = "rows",
+    ):
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
         if on_bad_row not in BAD_ROWS:
@@ -281,25 +294,31 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.kept: list[int] = []
         self.lengths: list[int] = []
         self.skipped: Counter[str] = Counter()
+        self.bad_rows: list[DataError] = []
+        fatal: list[DataError] = []
         for index in range(len(rows)):
             try:
                 encoded = collator.encode(rows[index], index)
-            except SampleTooLong as err:
-                if overflow == "error":
-                    raise
-                self.skipped[err.kind] += 1
-                continue
             except DataError as err:
-                if on_bad_row == "error":
-                    raise
-                logger.warning("skipping %s", err)
+                self.bad_rows.append(err)
                 self.skipped[err.kind] += 1
+                if (overflow if isinstance(err, SampleTooLong) else on_bad_row) == "error":
+                    fatal.append(err)
                 continue
             self.kept.append(index)
             self.lengths.append(len(encoded.input_ids))
+        path = None
+        if bad_rows_path is not None and self.bad_rows:
+            path = write_bad_rows(self.bad_rows, bad_rows_path)
+        elif bad_rows_path is not None:
+            Path(bad_rows_path).unlink(missing_ok=True)  # an earlier run's list would name rows since fixed
+        if fatal:
+            raise BadRows(fatal, len(rows), path)
+        if self.bad_rows:
+            logger.warning("skipped these %s:\n%s", what, describe(self.bad_rows, len(rows), path))
         if not self.kept:
             raise DataError("*", f"no usable rows out of {len(rows)} (skipped: {dict(self.skipped)})")
-        logger.info("prepared %d of %d rows; skipped %s", len(self.kept), len(rows), dict(self.skipped) or 0)
+        logger.info("prepared %d of %d %s; skipped %s", len(self.kept), len(rows), what, dict(self.skipped) or 0)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -307,3 +326,13 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.kept[i]
         return {"index": index, "row": self.rows[index]}
+
+    def to_hf_dataset(self):
+        """The kept rows as a ``datasets.Dataset`` of the same ``{"index", "row"}`` items, for trainers that take
+        nothing else (TRL's ``SFTTrainer``). It stores only the indices; each row is read when an item is."""
+        import datasets
+
+        def read(batch: dict[str, list]) -> dict[str, list]:
+            return {"index": batch["index"], "row": [self.rows[i] for i in batch["index"]]}
+
+        return datasets.Dataset.from_dict({"index": list(self.kept)}).with_transform(read)

@@ -44,7 +44,8 @@ class DataSpec:
             column already in the canonical shape).
         source_type: one of :data:`SOURCE_TYPES`.
         path: local folder or file (``None`` for ``hub``).
-        hub: dataset name on the Hugging Face hub (only when ``source_type == "hub"``; needs network).
+        hub: dataset name on the Hugging Face hub (only when ``source_type == "hub"``), read through the Hugging
+            Face cache (fetched once online; with ``HF_HUB_OFFLINE=1`` the cache only, see :mod:`vlmtune.hub`).
         columns: canonical name → the dataset's column name (``image``/``text`` or ``messages``/``images``).
         instruction: the user's prompt for ``image_text`` rows.
         system: optional system prompt prepended to every conversation.
@@ -73,7 +74,7 @@ class DataSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DataSpec:
-        """Read a spec file; a bare name like ``"latex_ocr"`` looks in the repository's ``data_specs/``."""
+        """Read a spec file; a bare name like ``"latex_ocr"`` is one of the specs shipped in ``vlmtune/data_specs/``."""
         path = resolve_spec_path(path)
         raw = yaml.safe_load(Path(path).read_text()) or {}
         source = raw.get("source", {})
@@ -90,11 +91,15 @@ class DataSpec:
 
 
 def resolve_spec_path(path: str | Path) -> Path:
-    """A spec file path, trying ``data_specs/<name>.yaml`` next to the package for bare names."""
+    """A spec file path, trying the bundled ``data_specs/<name>.yaml`` for bare names.
+
+    The repository's top-level ``data_specs/`` is the package's ``vlmtune/data_specs/`` (a link in a checkout,
+    package data in a wheel), so the same lookup works installed or not.
+    """
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    bundled = Path(__file__).resolve().parents[2] / "data_specs" / f"{path}.yaml"
+    bundled = Path(__file__).resolve().parents[1] / "data_specs" / f"{path}.yaml"
     if bundled.exists():
         return bundled
     raise FileNotFoundError(f"data spec {str(path)!r} not found (also looked for {bundled})")
@@ -142,7 +147,8 @@ def _load_dataset(spec: DataSpec, split: str, path: str | Path | None):
 
     path = Path(path if path is not None else (spec.path or "."))
     if spec.source_type == "hub":
-        return datasets.load_dataset(spec.hub, split=split)
+        files = _hub_files(spec, split)
+        return datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files={split: files}, split=split)
     if spec.source_type == "imagefolder":
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     builder = "json" if spec.source_type in ("jsonl", "json") else spec.source_type
@@ -152,6 +158,29 @@ def _load_dataset(spec: DataSpec, split: str, path: str | Path | None):
             check_utf8(file)
     options = _csv_as_written(files[0]) if builder == "csv" else {}
     return datasets.load_dataset(builder, data_files={split: files}, split=split, **options)
+
+
+_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def _hub_files(spec: DataSpec, split: str) -> list[str]:
+    """The data files of ``split`` in the hub dataset's snapshot: named for it (``train-00000-of-00001.parquet``,
+    ``train.jsonl``) or in a folder named for it, all of one format (parquet is preferred)."""
+    from vlmtune.hub import hub_snapshot
+
+    folder = hub_snapshot(spec.hub, repo_type="dataset")
+    found = [p for p in sorted(folder.rglob("*")) if p.suffix in _BUILDERS and split in (p.parent.name, _split_of(p))]
+    for suffix in _BUILDERS:
+        files = [str(p) for p in found if p.suffix == suffix]
+        if files:
+            return files
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    raise FileNotFoundError(f"spec {spec.name!r}: no data file for split {split!r} in {spec.hub} (files: {present})")
+
+
+def _split_of(path: Path) -> str:
+    # "train-00000-of-00001.parquet", "train_0.jsonl", "train.csv" -> "train"
+    return path.stem.split("-")[0].split("_")[0]
 
 
 def _csv_as_written(first_file: str) -> dict[str, Any]:
@@ -234,6 +263,21 @@ def to_canonical(raw: dict[str, Any], spec: DataSpec, base_dir: Path | None = No
     if spec.system:
         messages = [{"role": "system", "content": [{"type": "text", "text": spec.system}]}, *messages]
     return {"messages": messages, "images": images}
+
+
+def has_split(spec: DataSpec | str | Path, split: str, path: str | Path | None = None) -> bool:
+    """Whether :func:`load_rows` has its own rows for ``split``: a folder with files named for it.
+
+    A single file is one set of rows whatever the split asked, so it has no held-out split of its own. Hub and
+    image-folder sources name their splits themselves and are taken at their word (``True``).
+    """
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.from_yaml(spec)
+    if spec.source_type in ("hub", "imagefolder"):
+        return True
+    folder = Path(path if path is not None else (spec.path or "."))
+    suffixes = _SUFFIXES[spec.source_type]
+    return folder.is_dir() and any(p.name.startswith(split) and p.suffix in suffixes for p in folder.iterdir())
 
 
 def load_rows(spec: DataSpec | str | Path, split: str = "train", path: str | Path | None = None) -> Rows:

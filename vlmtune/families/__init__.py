@@ -20,12 +20,18 @@ FAMILIES: tuple[Family, ...] = (QWEN2_5_VL, QWEN3_VL, GEMMA3, MINICPMV4_6, MINIC
 REGISTRY: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
 
+class UnsupportedModelError(ValueError):
+    """A checkpoint's ``model_type`` is not one vlmtune has a family for."""
+
+
 def detect(config) -> Family:
     """The family of a loaded ``PretrainedConfig`` (or anything with ``model_type``)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in REGISTRY:
-        raise ValueError(f"model_type {model_type!r} is not supported by vlmtune; supported: {sorted(REGISTRY)}")
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by vlmtune; supported: {sorted(REGISTRY)}"
+        )
     return REGISTRY[model_type]
 
 
-__all__ = ["FAMILIES", "REGISTRY", "Family", "ImageBatch", "LoraTargets", "detect"]
+__all__ = ["FAMILIES", "REGISTRY", "Family", "ImageBatch", "LoraTargets", "UnsupportedModelError", "detect"]

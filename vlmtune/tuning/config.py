@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-MODES = ("frozen", "lora", "full")
+Mode = Literal["frozen", "lora", "full"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass
@@ -53,9 +55,9 @@ class TuningConfig:
             language rate.
     """
 
-    vision: str = "lora"
-    projector: str = "frozen"
-    language: str = "lora"
+    vision: Mode = "lora"
+    projector: Mode = "frozen"
+    language: Mode = "lora"
     attention: bool = True
     mlp: bool = True
     last_n_layers: int | None = None
@@ -69,7 +71,7 @@ class TuningConfig:
     vision_micro_batch: int | None = None
     embeddings_on_cpu: bool = True
     offload_activations: bool = False
-    lora_dtype: str = "float32"
+    lora_dtype: Literal["float32", "compute"] = "float32"
     init_seed: int = 0
     vision_lr: float | None = None
     projector_lr: float | None = None

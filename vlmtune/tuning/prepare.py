@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 
 import torch
+import transformers
+from packaging.version import Version
 
 from vlmtune.families.base import Family
+from vlmtune.quiet import peft_wrapping
 from vlmtune.tuning.config import TuningConfig
 from vlmtune.tuning.memory import (
     enable_activation_offload,
@@ -32,6 +35,25 @@ def _disable_input_require_grads(model: torch.nn.Module) -> None:
         pass
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing, model-wide, and no KV cache in training (which it rules out).
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    warns). Without ``use_cache=False`` in the configs each forward in training would turn the cache off itself,
+    with a warning; generation asks for the cache explicitly, so it is unaffected.
+    """
+    kwargs = {"use_reentrant": False}
+    if Version(transformers.__version__) >= Version("5.23"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Every config the forwards read: the top model's, its text config, and those of nested models (MiniCPM-V's llm).
+    configs = [model.config, model.config.get_text_config()]
+    configs += [m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
+    for config in configs:
+        config.use_cache = False
+
+
 def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     """Wrap ``model`` with PEFT LoRA as ``config`` says; freeze everything else.
 
@@ -44,7 +66,7 @@ def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     to_save = full_tower_modules(family, config)
     check_targets(family, targets, to_save)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         # transformers (here) and PEFT (in get_peft_model) hook every sub-model's input embedding so that its output
         # requires grad, which only reentrant checkpointing needs. On a frozen vision tower with a trained projector
         # inside (Qwen2-VL, Qwen2.5-VL, MiniCPM-V 4.6) that made every frozen block record a graph for backward.
@@ -69,7 +91,8 @@ def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.init_seed)
-        peft_model = get_peft_model(model, lora)
+        with peft_wrapping():
+            peft_model = get_peft_model(model, lora)
     _disable_input_require_grads(model)  # PEFT sets the hooks again (see above)
     if tied is not None:
         _tie_trained_copies(peft_model, tied)

@@ -121,16 +121,21 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
 _PACKED = "_vlmtune_packed"
 
 
-def _per_sample_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
-    """The layer's own forward, run once per packed sample when ``cu_seq_lens_q`` ``(n + 1,)`` marks them."""
+def _per_sample_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    """The layer's own forward, run once per packed sample when ``cu_seq_lens_q`` ``(n + 1,)`` marks them.
+
+    The cache travels in ``kwargs`` under the name the decoder layer used (``cache``, or ``cache_params`` in older
+    transformers): naming the other one too makes transformers 5.24 warn that both are set.
+    """
     inner = swap_of(self, _PACKED).inner
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is None:
-        return inner(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-    if cache_params is not None or hidden_states.shape[0] != 1:
+        return inner(hidden_states, attention_mask=attention_mask, **kwargs)
+    cached = any(kwargs.get(name) is not None for name in ("cache", "cache_params"))
+    if cached or hidden_states.shape[0] != 1:
         raise ValueError(
             f"packed sequences (cu_seq_lens_q) need a single row and no cache; got {hidden_states.shape[0]} rows "
-            f"and a cache: {cache_params is not None} (pass use_cache=False)"
+            f"and a cache: {cached} (pass use_cache=False)"
         )
     for key in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(key, None)
@@ -138,7 +143,7 @@ def _per_sample_forward(self, hidden_states: torch.Tensor, cache_params=None, at
     pieces = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         mask = None if attention_mask is None else attention_mask[:, start:end]
-        pieces.append(inner(hidden_states[:, start:end], cache_params=None, attention_mask=mask, **kwargs))
+        pieces.append(inner(hidden_states[:, start:end], attention_mask=mask, **kwargs))
     return torch.cat(pieces, dim=1)
 
 
