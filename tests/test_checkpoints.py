@@ -143,7 +143,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         f"vlmtune train: error: could not write checkpoint {checkpoints / 'checkpoint-4'}: "
-        f"[Errno 28] No space left on device: '{checkpoints / 'checkpoint-4'}'; the last good checkpoint is {checkpoints / 'checkpoint-2'} "
+        f"[Errno 28] No space left on device: '{checkpoints / 'checkpoint-4'}'; "
+        f"the last good checkpoint is {checkpoints / 'checkpoint-2'} "
         "(free space or fix permissions, then resume with --resume)"
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]  # no half one, nothing left over
