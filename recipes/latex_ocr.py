@@ -123,6 +123,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     shortcuts.add_argument(
         "--no-tune-vision", dest="tuning.vision", const="frozen", help="= --vision frozen", **_SHORTCUT
     )
+    shortcuts.add_argument(
+        "--max-new-tokens",
+        dest="training.eval_max_new_tokens",
+        type=int,
+        metavar="INT",
+        default=argparse.SUPPRESS,
+        help="= --eval-max-new-tokens",
+    )
     return parser
 
 

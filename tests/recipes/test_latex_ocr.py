@@ -69,6 +69,7 @@ def test_resume_flags_map_to_the_config():
     config = latex_ocr.parse_args(["--model", "m", "--resume", "out/checkpoints/checkpoint-50", "--resume-force"])
     assert (config.training.resume, config.training.resume_force) == ("out/checkpoints/checkpoint-50", True)
     assert latex_ocr.parse_args(["--model", "m", "--save-total-limit", "2"]).training.save_total_limit == 2
+    assert latex_ocr.parse_args(["--model", "m", "--max-new-tokens", "7"]).training.eval_max_new_tokens == 7
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
