@@ -91,4 +91,4 @@ if __name__ == "__main__":
     if "CKPT_TEST_KILL" in os.environ:
         stage, step = os.environ["CKPT_TEST_KILL"].split(":")
         _arm(stage, int(step))
-    main(["train", *sys.argv[1:]])
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -25,7 +25,7 @@ WORKER = Path(__file__).with_name("checkpoint_worker.py")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "latex_ocr.py"
 STEPS = 12  # 18 training rows at batch 2: 9 steps an epoch, so the runs cross an epoch boundary at step 9
 # Dropout on: a resume that lost the RNG state would draw other masks and differ in the last bits.
-FLAGS = ["--batch-size", "2", "--lr", "5e-3", "--lora-dropout", "0.1", "--logging-steps", "1", "--seed", "0"]
+FLAGS = ["--batch-size", "2", "--lr", "5e-3", "--dropout", "0.1", "--logging-steps", "1", "--seed", "0"]
 FLAGS += ["--eval-samples", "0", "--no-kernels"]
 KILLED = -signal.SIGKILL
 

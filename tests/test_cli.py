@@ -79,7 +79,7 @@ def test_tiny_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_train_forwards_to_the_recipe(tiny_gemma, latex_data, tmp_path, capsys):
-    main(
+    status = main(
         [
             "train",
             "--model",
@@ -100,6 +100,7 @@ def test_train_forwards_to_the_recipe(tiny_gemma, latex_data, tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
+    assert status == 0
     assert "first loss" in out and f"report: {tmp_path / 'o'}/report.html" in out
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
     _assert_a_whole_report(tmp_path / "o", steps=[1, 2], evaluations=[0, 2])
@@ -210,7 +211,7 @@ def test_debug_shows_the_traceback(latex_data, tmp_path):
 
 @pytest.mark.slow
 def test_demo_loss_falls(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path)])
+    assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "[demo] loss:" in line)
     first, last = (float(x) for x in line.split("first ")[1].split(" over")[0].split(" -> last "))
@@ -226,7 +227,7 @@ def test_report_rebuilds_a_runs_report(tmp_path, capsys):
         tmp_path / "metrics.jsonl", {"kind": "eval", "step": 0, "eval_loss": 2.0, "eval_s": 1.0, "elapsed_s": 1.0}
     )
     run_files.write_json(tmp_path / "run.json", {"base_model": "m"})
-    main(["report", str(tmp_path)])
+    assert main(["report", str(tmp_path)]) == 0
     assert f"wrote {tmp_path / 'report.html'}" in capsys.readouterr().out
     assert 'data-value="2.0"' in (tmp_path / "report.html").read_text()
 

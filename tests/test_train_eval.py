@@ -175,10 +175,11 @@ def test_the_best_checkpoint_is_returned_and_exported(run):
 
 
 def test_evaluation_during_training_equals_vlmtune_eval_on_the_checkpoint(run, capsys):
-    main(
+    status = main(
         ["eval", "--adapter", str(run.export), "--data", str(run.data), "--n", str(SAMPLES)]
         + ["--max-new-tokens", str(NEW_TOKENS)]
     )
+    assert status == 0
     printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     best = next(r for r in run.evals if r["step"] == run.result.best_step)
     assert printed == {k: best[k] for k in ("exact_match", "cer", "bleu")}
@@ -188,7 +189,7 @@ def test_vlmtune_report_rebuilds_the_same_file(run, capsys):
     path = run.out / run_files.REPORT
     written = path.read_bytes()
     path.unlink()
-    main(["report", str(run.out)])
+    assert main(["report", str(run.out)]) == 0
     assert "report.html" in capsys.readouterr().out
     assert path.read_bytes() == written
 
