@@ -116,6 +116,7 @@ def parse_report():
     return parse
 
 
+@pytest.fixture(scope="session")
 def random_export(tiny_checkpoint, tmp_path_factory):
     """``random_export(family)``: ``(export_folder, base_folder)`` of an adapter with random LoRA B (no training)
     on that family's tiny checkpoint, exported once per test session."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import transformers
+from packaging.version import Version
 
 from vlmtune.families import Family, detect
 from vlmtune.hub import hub_snapshot, is_hub_id
@@ -121,6 +123,10 @@ def load(
     torch_dtype = compute_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "device_map": device}
+    if Version(transformers.__version__) >= Version("5.25"):
+        # From 5.25 transformers kernelises layers with the `kernels` library whenever it is installed (use_kernels
+        # None means on; it was False before), fetching kernels from the Hub: vlmtune loads offline, with its own.
+        kwargs["use_kernels"] = False
     if quant != "none" and not _is_prequantized(path):
         kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype)
     loader = family.load_model or AutoModelForImageTextToText.from_pretrained

@@ -15,6 +15,7 @@ of 1e-6 of the largest gradient for entries that are nearly zero); after 5 Adam 
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import inspect
 import sys
 
@@ -451,3 +452,20 @@ def test_rope_runs_the_kernel_without_touching_the_modeling_global(family_path, 
     assert len(patch.patched["rope"]) == model.config.get_text_config().num_hidden_layers
     assert calls and seen and all(function is original for function in seen)
     assert modeling.apply_rotary_pos_emb is original
+
+
+def test_train_and_eval_switches_keep_the_kernels(tiny_qwen):
+    # transformers 5.25 kernelises again at every train()/eval() switch when the `kernels` library is installed,
+    # which reset the swapped forwards; a model loaded elsewhere may have its hub kernels on.
+    model, _, family = _tuned(tiny_qwen, vision="frozen", language="lora")
+    if importlib.util.find_spec("kernels") is not None:
+        model.get_base_model().use_kernels = True
+    forwards = _instance_forwards(model)
+    patch = apply_kernels(model, family, ("rms_norm", "mlp"))
+    swapped = {n: m.__dict__.get("forward") for n, m in model.named_modules() if "_vlmtune_kernel" in m.__dict__}
+    model.train()
+    model.eval()
+    model.train()
+    assert swapped and all(model.get_submodule(n).__dict__.get("forward") is f for n, f in swapped.items())
+    patch.revert()
+    assert all(_instance_forwards(model)[n] is forwards[n] for n in forwards)

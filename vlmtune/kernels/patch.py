@@ -129,6 +129,7 @@ def apply_kernels(model: torch.nn.Module, family: Family, ops: tuple[str, ...] =
         )
     if swapped_modules(base, KERNEL):
         raise ValueError("kernels are already applied to this model; revert() that KernelPatch first")
+    _no_hub_kernels(base)
     patch = KernelPatch(patched={op: [] for op in ops}, skipped={})
     language = [(name, module) for name, module in base.named_modules() if family.tower_of(name) == "language"]
     try:
@@ -147,6 +148,21 @@ def apply_kernels(model: torch.nn.Module, family: Family, ops: tuple[str, ...] =
         len(patch.skipped),
     )
     return patch
+
+
+def _no_hub_kernels(base: torch.nn.Module) -> None:
+    """Turn off transformers' own layer kernels (the `kernels` library) on every sub-model that uses them.
+
+    transformers 5.25 kernelises a model loaded while `kernels` is installed, and kernelises it again at every
+    ``train()`` / ``eval()`` switch, resetting the layers' instance forwards: vlmtune's kernels would silently stop
+    running after the first switch (and their undo would find the forwards gone).
+    """
+    from transformers import PreTrainedModel
+
+    for name, module in base.named_modules():
+        if isinstance(module, PreTrainedModel) and getattr(module, "use_kernels", False):
+            module.use_kernels = False  # transformers' setter restores the torch implementations
+            logger.info("turned off transformers' hub kernels on %s: vlmtune's replace them", name or "the model")
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
