@@ -148,6 +148,36 @@ def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows, monke
     assert len(patch.patched["vision_attention"]) == n_vision
     patched = [n for op, names in patch.patched.items() if op not in ("vision_attention", "lora_linear") for n in names]
     assert all(family.tower_of(n) == "language" for n in patched if n)
+    assert len(patch.patched["sdpa_backend"]) == n_layers
+
+
+@pytest.mark.parametrize("family_path", ["qwen2_5_vl", "gemma3"], indirect=True)
+def test_language_attention_runs_sdpa_without_cudnn(family_path, latex_rows):
+    """Inside each patched language attention cuDNN's SDPA is off (forward and recomputation); outside, and in the
+    vision tower, the global setting is untouched."""
+    model, processor, family = _tuned(family_path, vision="lora", language="lora")
+    base = model.get_base_model()
+    seen = {"language": [], "vision": []}
+    hooks = [
+        module.register_forward_hook(
+            lambda *_, tower=tower: seen[tower].append(torch.backends.cuda.cudnn_sdp_enabled())
+        )
+        for name, module in base.named_modules()
+        if (tower := family.tower_of(name)) in seen and name.endswith(("q_proj", "self_attn.qkv", "attn.qkv"))
+    ]
+    patch = apply_kernels(model, family, ("sdpa_backend",))
+    try:
+        before = torch.backends.cuda.cudnn_sdp_enabled()
+        model(**_batch(model, processor, family, latex_rows)).loss.backward()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is before is True
+    finally:
+        patch.revert()
+        for hook in hooks:
+            hook.remove()
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert seen["language"] == [False] * len(seen["language"]) and len(seen["language"]) >= n_layers
+    assert seen["vision"] and all(seen["vision"])
+    assert not any("_vlmtune_sdpa_backend" in m.__dict__ for m in base.modules())
 
 
 def test_qlora_nf4_kernels_on_equal_off(tiny_qwen, latex_rows, monkeypatch):

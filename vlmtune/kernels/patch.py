@@ -28,6 +28,8 @@ says which kernel variant to use. The ops (``ALL_OPS``):
   states with the fused linear cross-entropy, so the ``(tokens, vocab)`` logits never exist; it returns
   ``logits=None``.
   Without ``labels``, or with ``return_logits=True``, it is the original forward.
+- ``sdpa_backend``: the language tower's attention modules run SDPA with cuDNN left out (it builds a plan per new
+  sequence length, ~150 ms of host time per step on real data; :mod:`vlmtune.kernels.hf.sdpa_backend`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ from collections.abc import Callable
 import torch
 
 from vlmtune.families.base import Family
-from vlmtune.kernels.hf import cross_entropy, lora_linear, mlp, rms_norm, rope, vision_attention
+from vlmtune.kernels.hf import cross_entropy, lora_linear, mlp, rms_norm, rope, sdpa_backend, vision_attention
 from vlmtune.kernels.hf.common import KERNEL
 from vlmtune.patching import swapped_modules
 
 logger = logging.getLogger(__name__)
 
-ALL_OPS = ("rms_norm", "rope", "mlp", "lora_linear", "cross_entropy", "vision_attention")
+ALL_OPS = ("rms_norm", "rope", "mlp", "lora_linear", "cross_entropy", "vision_attention", "sdpa_backend")
 
 _PATCHERS = {
     "vision_attention": vision_attention.apply,
@@ -56,6 +58,7 @@ _PATCHERS = {
     "mlp": mlp.apply,
     "lora_linear": lora_linear.apply,
     "cross_entropy": cross_entropy.apply,
+    "sdpa_backend": sdpa_backend.apply,
 }
 
 
