@@ -45,6 +45,9 @@ _FREE_TRAINING = {
     "save_total_limit",
     "kernels",
     "dataloader_workers",
+    "prefetch_factor",
+    # Only "auto" reads it, and the step it chose is recorded (and reused on resume) as the step's own field.
+    "memory_limit_gib",
     "report_to",
     "resume",
     "resume_force",

@@ -95,6 +95,10 @@ def export(model, processor, out: str | Path, recipe: Any = None, base_model: st
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "base_model_source": "local" if Path(base).is_dir() else "hub",
     }
+    from vlmtune.step_probe import step_size_of
+
+    if step_size_of(model) is not None:  # what batch_size / max_tokens_per_step="auto" chose, and how
+        record["step_size"] = step_size_of(model)
     if _distributed():
         # Every rank holds the same adapter; one writer keeps the staging folder to itself.
         if torch.distributed.get_rank() == 0:

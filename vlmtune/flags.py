@@ -93,6 +93,19 @@ def _str_or_bool(text: str) -> str | bool:
     return words.get(text.lower(), text)
 
 
+def _int_or(words: tuple[str, ...]):
+    def parse(text: str) -> int | str:
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected an integer or one of {list(words)}, got {text!r}") from err
+
+    parse.__name__ = "int"  # argparse names the type in its error messages
+    return parse
+
+
 def _argument(hint: Any, default: Any) -> dict[str, Any]:
     """argparse keyword arguments for one field of type ``hint``."""
     hint = _without_none(hint)
@@ -109,6 +122,11 @@ def _argument(hint: Any, default: Any) -> dict[str, Any]:
         return {"type": _json_object, "metavar": "JSON"}
     if hint in (int, float, str):
         return {"type": hint, "metavar": hint.__name__.upper()}
+    if isinstance(hint, tuple) and len(hint) == 2 and int in hint:
+        (words,) = (h for h in hint if h is not int)
+        if typing.get_origin(words) is Literal:
+            # `--batch-size 8` or `--batch-size auto`.
+            return {"type": _int_or(typing.get_args(words)), "metavar": "INT|" + "|".join(typing.get_args(words))}
     if isinstance(hint, tuple) and set(hint) == {str, bool}:
         # `--resume` alone means True (the newest), `--resume PATH` a path.
         return {"type": _str_or_bool, "nargs": "?", "const": True, "metavar": "PATH"}

@@ -147,6 +147,7 @@ class MetricsLog(TrainerCallback):
             "step_time_s": train_s / max(1, state.global_step - self.last_step),
             "elapsed_s": self._elapsed(now),
             "gpu_peak_gib": gpu_peak_gib(),
+            "collate_s": logs.get("collate_s"),  # per batch, from vlmtune.data.host.TimedCollate
         }
         self._append(state, line)
         self.last_line = line

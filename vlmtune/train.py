@@ -15,7 +15,9 @@ from typing import Any, Literal
 import torch
 
 from vlmtune.data.collator import Collator, PreparedDataset
+from vlmtune.data.host import TimedCollate, collate_time_callback, dataloader_arguments
 from vlmtune.families import Family
+from vlmtune.step_probe import check_step_config, resolve_step_size
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
 from vlmtune.tuning import TuningConfig, param_groups, tuning_of
 
@@ -30,7 +32,8 @@ class TrainConfig:
         output_dir: where checkpoints go (``<output_dir>/checkpoints``) and the export is written.
         max_steps: optimiser steps (overrides ``epochs`` when > 0).
         epochs: passes over the data when ``max_steps`` is 0.
-        batch_size: samples per device step.
+        batch_size: samples per device step, or ``"auto"``: the largest that fits ``memory_limit_gib``, found by
+            a short probe on the longest samples before the first step (:mod:`vlmtune.step_probe`; CPU: 4).
         grad_accum: gradient accumulation steps.
         lr: peak learning rate (LoRA usually 1e-4 to 2e-4).
         weight_decay: AdamW weight decay.
@@ -45,8 +48,9 @@ class TrainConfig:
             kind. Either way every bad row (over-long ones too) is written to ``<output_dir>/bad_rows.jsonl``.
         train_on: ``"assistant"`` (default) or ``"all"`` text tokens.
         packing: padding-free packing: samples are binned (first-fit decreasing) into rows of at most
-            ``max_length`` tokens, attention kept within each sample; ``batch_size`` is then 1 packed row per
-            micro-step (Qwen-VL and Gemma-3).
+            ``max_length`` tokens (``max_tokens_per_step`` when set), attention kept within each sample; a micro-step
+            is then 1 packed row. The loss is the mean over the supervised tokens of the optimiser step (all its
+            micro-steps), however many samples they hold: a sample weighs by its answer tokens, as unpacked.
         image_options: family image options (``max_pixels``, ``do_pan_and_scan`` ...).
         logging_steps: log the loss every N steps.
         save_steps: checkpoint every N steps (0: no intermediate checkpoints). A checkpoint is written whole or
@@ -57,7 +61,8 @@ class TrainConfig:
         optim: ``"adamw"`` (torch AdamW, fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes' 8-bit AdamW).
         kernels: swap the language tower's hot ops for vlmtune's Triton kernels (``None``: on when the
             model is on CUDA; ``False``: the plain transformers path).
-        dataloader_workers: DataLoader worker processes (images decode in them).
+        dataloader_workers: DataLoader worker processes (images decode and the processor runs in them);
+            ``None``: ``min(4, cpus - 1)`` on Linux with CUDA, else 0 (:mod:`vlmtune.data.host`).
         report_to: transformers integrations (``"none"``, ``"tensorboard"``, ``"wandb"`` ...).
         resume: continue an interrupted run: ``True`` for the newest complete checkpoint in
             ``<output_dir>/checkpoints``, or the path of a checkpoint (or of a folder of them). The run must be the
@@ -83,12 +88,17 @@ class TrainConfig:
         trainer_args: further ``transformers.TrainingArguments`` fields, passed through as they are (e.g.
             ``{"lr_scheduler_kwargs": {...}, "torch_compile": True}``); one that TrainConfig sets itself is refused,
             naming the field to set instead.
+        max_tokens_per_step: with ``packing``, the token budget of a micro-step (images counted, never cut; the
+            image load balanced across steps, :mod:`vlmtune.data.budget`), or ``"auto"``: the largest that fits
+            ``memory_limit_gib`` (CPU: ``max_length``). ``None``: ``max_length``.
+        memory_limit_gib: the memory cap of ``"auto"`` (``None``: the device's free memory less a margin).
+        prefetch_factor: batches each DataLoader worker prepares ahead (with workers).
     """
 
     output_dir: str = "out"
     max_steps: int = 0
     epochs: float = 1.0
-    batch_size: int = 4
+    batch_size: int | Literal["auto"] = 4
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -106,7 +116,7 @@ class TrainConfig:
     seed: int = 0
     optim: Literal["adamw", "adamw_8bit"] = "adamw"
     kernels: bool | None = None
-    dataloader_workers: int = 0
+    dataloader_workers: int | None = None
     report_to: str = "none"
     save_total_limit: int | None = None
     resume: bool | str | None = None
@@ -120,14 +130,18 @@ class TrainConfig:
     report: bool = True
     report_latex: bool = False
     trainer_args: dict[str, Any] = field(default_factory=dict)
+    max_tokens_per_step: int | Literal["auto"] | None = None
+    memory_limit_gib: float | None = None
+    prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+        check_step_config(self)
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.optim not in ("adamw", "adamw_8bit"):
@@ -211,7 +225,7 @@ def _trainer_kwargs(config: TrainConfig, dtype: torch.dtype, find_unused: bool, 
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
-        dataloader_num_workers=config.dataloader_workers,
+        **dataloader_arguments(config.dataloader_workers, config.prefetch_factor, on_cuda),
         remove_unused_columns=False,
         report_to=config.report_to,
         disable_tqdm=False,
@@ -242,6 +256,7 @@ _RENAMED = {
     "save_strategy": "save_steps",
     "data_seed": "seed",
     "dataloader_num_workers": "dataloader_workers",
+    "dataloader_prefetch_factor": "prefetch_factor",
     "eval_strategy": "eval_steps",
 }
 
@@ -366,15 +381,20 @@ def train(
     )
     prepared = dataset
     eval_prepared = eval_dataset = prepare_eval(config, collator)
+    config, _ = resolve_step_size(
+        config, model, collator, prepared, lambda: make_optimizer(model, family, tuning, config), family,
+        kernels=use_kernels(config, model),
+    )  # fmt: skip
     data_collator = collator
     if config.packing:
-        from vlmtune.data.packing import PackedBins, PackedCollator, collate_bin
+        from vlmtune.data.packing import PackedCollator, collate_bin, packed_bins
 
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
-        dataset = PackedBins(dataset, config.max_length)
-        eval_dataset = PackedBins(eval_prepared, config.max_length) if eval_prepared is not None else None
+        dataset = packed_bins(dataset, config)
+        eval_dataset = packed_bins(eval_prepared, config) if eval_prepared is not None else None
         config = dataclasses.replace(config, batch_size=1)
+    data_collator = TimedCollate(data_collator)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning), eval_dataset is not None)
@@ -387,7 +407,7 @@ def train(
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         data_collator=data_collator,
-        callbacks=[_loss_recorder(losses)],
+        callbacks=[_loss_recorder(losses), collate_time_callback(data_collator, args.dataloader_num_workers)],
         optimizers=(make_optimizer(model, family, tuning, config), None),
         fingerprint=fingerprint,
         save_total_limit=config.save_total_limit,

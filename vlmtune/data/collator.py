@@ -293,6 +293,9 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.rows = rows
         self.kept: list[int] = []
         self.lengths: list[int] = []
+        # Image tokens per kept row: the vision load that token-budget packing balances (vlmtune.data.budget).
+        self.image_tokens: list[int] = []
+        image_ids = set(collator.image_token_ids())
         self.skipped: Counter[str] = Counter()
         self.bad_rows: list[DataError] = []
         fatal: list[DataError] = []
@@ -307,6 +310,7 @@ class PreparedDataset(torch.utils.data.Dataset):
                 continue
             self.kept.append(index)
             self.lengths.append(len(encoded.input_ids))
+            self.image_tokens.append(sum(1 for token in encoded.input_ids if token in image_ids))
         path = None
         if bad_rows_path is not None and self.bad_rows:
             path = write_bad_rows(self.bad_rows, bad_rows_path)

@@ -153,6 +153,16 @@ class PackedBins(torch.utils.data.Dataset):
         return [self.prepared[j] for j in self.bins[i]]
 
 
+def packed_bins(prepared, config) -> torch.utils.data.Dataset:
+    """The packed rows of a run: a token budget's (:class:`~vlmtune.data.budget.BudgetBins`) when
+    ``config.max_tokens_per_step`` is set, else rows of ``config.max_length`` (:class:`PackedBins`)."""
+    if config.max_tokens_per_step is None:
+        return PackedBins(prepared, config.max_length)
+    from vlmtune.data.budget import BudgetBins
+
+    return BudgetBins(prepared, config.max_tokens_per_step)
+
+
 def collate_bin(packer: PackedCollator):
     """A DataLoader collate function for :class:`PackedBins` at batch size 1."""
 

@@ -1,0 +1,226 @@
+"""One epoch of generated LaTeX-OCR rows per stack, each at its best setting under one memory cap.
+
+    python -m benchmarks.epoch --model qwen2_5_vl-7b --rows 20000 --memory-cap-gib 24      # CUDA, QLoRA
+    python -m benchmarks.epoch --model gemma3-4b --rows 20000 --memory-cap-gib 80
+    python -m benchmarks.epoch --tiny --out /tmp/epoch                                       # anywhere, seconds
+
+Every stack trains on the same ``--rows`` rows (``vlmtune.data.latex_ocr``, seed 0), one epoch, in a process of its
+own (fresh CUDA context, ``torch.cuda.set_per_process_memory_fraction`` holding it to ``--memory-cap-gib``):
+
+* ``vlmtune``: ``vlmtune.train`` with token-budget packing and ``max_tokens_per_step="auto"`` under the cap (the
+  kernels on CUDA, data workers by default);
+* ``hf_qlora`` / ``unsloth`` (and ``hf_bf16`` on the CPU): the model set up as ``benchmarks/train_step/worker.py``
+  does, at the largest batch that fits the cap (``vlmtune.step_search`` over probe steps on the longest rows,
+  weights restored after), then the plain loop of that benchmark over padded batches of vlmtune's collator, fed by
+  a DataLoader with the same workers.
+
+Reported per stack: epoch wall time (the training alone, after set-up and the search), rows/s, optimiser steps,
+the step size chosen, peak allocated memory and the mean loss of the last 10%% of steps (the same rows seen, so
+losses compare). The records go to ``<out>/epoch_<model>.json`` (``$OUT`` when set), the table to stdout.
+``--tiny`` runs the tiny Qwen2.5-VL on the CPU: 8 rows, stacks ``vlmtune,hf_bf16``, no memory cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "@@EPOCH "
+GIB = 2**30
+LR = 2e-4
+CPU_BATCH = 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2_5_vl-7b", help="a benchmarks/train_step/specs.py MODELS key")
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--stacks", default="vlmtune,unsloth,hf_qlora")
+    parser.add_argument("--memory-cap-gib", type=float, default=24.0)
+    parser.add_argument("--vision", default="frozen", choices=("frozen", "lora"), help="vision tower, every stack")
+    parser.add_argument("--tiny", action="store_true", help="tiny Qwen2.5-VL on the CPU, 8 rows")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/vlmtune-bench"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--peer-site", default="/tmp/peer-site", help="site folder holding Unsloth")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.model, args.rows, args.stacks, args.memory_cap_gib = "tiny-qwen", min(args.rows, 8), "vlmtune,hf_bf16", 0
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ worker
+
+
+def _data(args) -> Any:
+    from vlmtune.data.latex_ocr import make_latex_ocr
+    from vlmtune.data.spec import load_rows
+
+    folder = args.cache / f"latex_ocr_epoch_{args.rows}"
+    if not (folder / "train.parquet").exists():
+        make_latex_ocr(args.rows, folder, seed=0, test_fraction=0.0)
+    return load_rows("latex_ocr", split="train", path=folder)
+
+
+def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
+    import vlmtune
+    from vlmtune.step_probe import step_size_of
+
+    quant = "nf4" if device == "cuda" else "none"
+    model, processor, family = vlmtune.load(checkpoint, quant=quant)
+    tuning = vlmtune.TuningConfig(vision=args.vision, language="lora", r=16, alpha=16)
+    model = vlmtune.apply_tuning(model, family, tuning)
+    config = vlmtune.TrainConfig(
+        output_dir=str(args.cache / "epoch_runs" / args.model),
+        epochs=1,
+        lr=LR,
+        packing=True,
+        max_tokens_per_step="auto",
+        memory_limit_gib=args.memory_cap_gib or None,
+        logging_steps=1,
+        report=False,
+    )
+    start = time.perf_counter()
+    result = vlmtune.train(model, processor, family, rows, config, tuning)
+    wall = time.perf_counter() - start
+    chosen = step_size_of(result.model) or {}
+    # train() runs the memory probe before the first step: its seconds are inside epoch_s (a user waits for them).
+    return {"epoch_s": wall, "losses": result.losses, "step": {"max_tokens_per_step": chosen.get("value")}}
+
+
+def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.train_step.specs import CONFIGS, HF_PROCESSOR_KEYS, MODELS
+    from benchmarks.train_step.worker import SETUPS, train_step
+    from vlmtune.data.collator import Collator, PreparedDataset
+    from vlmtune.data.host import default_workers
+    from vlmtune.families import detect
+    from vlmtune.step_probe import _Probe, cuda_peak
+    from vlmtune.step_search import largest_fitting
+
+    cfg, spec = CONFIGS[stack], MODELS[args.model]
+    model, _ = SETUPS[cfg.stack](cfg, spec, checkpoint, device, args.vision)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    collator = Collator(detect(model.config), processor, model.config)
+    prepared = PreparedDataset(rows, collator)
+    cuda = device == "cuda"
+
+    def optimizer():
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=cuda or None)
+
+    def keep(batch):
+        return {k: v for k, v in batch.items() if k in HF_PROCESSOR_KEYS}
+
+    order = sorted(range(len(prepared)), key=lambda i: -prepared.lengths[i])
+    batch_size = CPU_BATCH
+    if cuda:
+        probe = _Probe(model, optimizer, cuda_peak)
+        found = largest_fitting(
+            lambda n: probe(keep(collator([prepared[i] for i in order[:n]]))),
+            int(args.memory_cap_gib * GIB * 0.9),
+            1,
+            min(len(prepared), 512),
+            what=f"{stack} batch_size",
+        )
+        probe.reset()
+        batch_size = found.size
+    loader = torch.utils.data.DataLoader(
+        prepared, batch_size=batch_size, collate_fn=collator, num_workers=default_workers(), pin_memory=cuda
+    )
+    opt, losses = optimizer(), []
+    model.train()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in loader:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in keep(batch).items()}
+        losses.append(train_step(model, opt, inputs, cuda))
+    if cuda:
+        torch.cuda.synchronize()
+    return {"epoch_s": time.perf_counter() - start, "losses": losses, "step": {"batch_size": batch_size}}
+
+
+def worker(args, stack: str) -> int:
+    if stack.startswith("unsloth"):
+        import unsloth  # noqa: F401  (its patches must come before transformers)
+    import torch
+
+    from benchmarks.train_step.checkpoints import build_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cuda" and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total))
+    checkpoint = build_checkpoint(args.model, args.cache / args.model, device)
+    rows = _data(args)
+    run = run_vlmtune(args, checkpoint, rows, device) if stack == "vlmtune" else None
+    if run is None:
+        run = run_baseline(args, stack, checkpoint, rows, device)
+    losses = run.pop("losses")
+    tail = losses[-max(1, len(losses) // 10) :]
+    record = {"stack": stack, "rows": len(rows), "steps": len(losses), **run}
+    record.update(rows_per_s=len(rows) / run["epoch_s"], final_loss=statistics.mean(tail), device=device)
+    record["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+    print(PREFIX + json.dumps(record), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+
+
+def _child(args, stack: str, argv: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if stack.startswith("unsloth") and Path(args.peer_site).is_dir():
+        env["PYTHONPATH"] = f"{args.peer_site}{os.pathsep}{ROOT}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.epoch", "worker", stack, *argv],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(PREFIX):
+            return json.loads(line[len(PREFIX) :])
+    tail = " | ".join(proc.stderr.strip().splitlines()[-6:])
+    return {"stack": stack, "status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = ["| stack | step | epoch s | rows/s | peak GiB | final loss |", "|---|---|---|---|---|---|"]
+    for r in records:
+        if "epoch_s" not in r:
+            lines.append(f"| {r['stack']} | {r.get('status')}: {r.get('reason', '')[:80]} | | | | |")
+            continue
+        peak = "-" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
+        step = ", ".join(f"{k}={v}" for k, v in r["step"].items())
+        lines.append(
+            f"| {r['stack']} | {step} | {r['epoch_s']:.1f} | {r['rows_per_s']:.2f} | {peak} | {r['final_loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return worker(parse_args(argv[2:]), argv[1])
+    args = parse_args(argv)
+    records = [_child(args, stack, argv) for stack in args.stacks.split(",")]
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "rows": args.rows, "memory_cap_gib": args.memory_cap_gib, "vision": args.vision}
+    meta["command"] = "python -m benchmarks.epoch " + " ".join(argv)
+    (out / f"epoch_{args.model}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    print(table(records))
+    return 0 if all("epoch_s" in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

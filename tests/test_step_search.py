@@ -1,0 +1,58 @@
+"""The step-size search: doubling then bisection under a fake memory measure, and a clear refusal."""
+
+import pytest
+
+from vlmtune.step_search import GIB, NothingFits, largest_fitting
+
+
+def linear(base_gib: float, per_size_gib: float, log: list[int] | None = None):
+    """A fake measure: weights plus a share per unit of size (what a step's memory looks like)."""
+
+    def measure(size: int) -> int:
+        if log is not None:
+            log.append(size)
+        return int((base_gib + per_size_gib * size) * GIB)
+
+    return measure
+
+
+def test_picks_the_largest_batch_under_the_cap_in_few_probes():
+    sizes: list[int] = []
+    # 2 GiB + 0.5 GiB per sample under 6 GiB: 8 samples use exactly 6 GiB, 9 do not fit.
+    found = largest_fitting(linear(2.0, 0.5, sizes), 6 * GIB, smallest=1, largest=100)
+    assert found.size == 8 and found.peak_bytes == 6 * GIB
+    assert sizes == [1, 2, 4, 8, 16, 12, 10, 9]  # doubling to the first miss, then bisection
+    assert [s for s, _ in found.probes] == sizes
+
+
+def test_stops_at_the_largest_size_the_data_allows():
+    found = largest_fitting(linear(1.0, 0.01, None), 24 * GIB, smallest=1, largest=20)
+    assert found.size == 20 and [s for s, _ in found.probes] == [1, 2, 4, 8, 16, 20]
+
+
+def test_token_budget_on_a_granularity_grid():
+    # Tokens: the smallest budget is the longest sample (300); 1 GiB per 1000 tokens over 4 GiB of weights.
+    found = largest_fitting(linear(4.0, 0.001, None), 10 * GIB, smallest=300, largest=100_000, granularity=128)
+    assert found.size <= 6000 < found.size + 128  # within one granularity of the true largest
+    assert len(found.probes) <= 12
+
+
+def test_out_of_memory_counts_as_a_miss():
+    def measure(size: int) -> int | None:
+        return None if size > 5 else size * GIB  # a probe that raised OutOfMemoryError
+
+    assert largest_fitting(measure, 100 * GIB, smallest=1, largest=64).size == 5
+
+
+def test_a_cap_no_sample_fits_is_refused_naming_the_cap_and_the_need():
+    with pytest.raises(NothingFits) as err:
+        largest_fitting(
+            linear(3.0, 0.25, None), 2 * GIB, smallest=1, largest=8, describe=lambda n: f"batch_size={n}", what="batch"
+        )
+    message = str(err.value)
+    assert "memory cap of 2.00 GiB" in message and "batch_size=1" in message and "needs 3.25 GiB" in message
+
+
+def test_a_smallest_step_out_of_memory_says_so():
+    with pytest.raises(NothingFits, match="runs out of memory"):
+        largest_fitting(lambda size: None, GIB, smallest=1, largest=8)

@@ -1,0 +1,99 @@
+"""The largest step that fits a memory cap: doubling, then bisection, over one probe per size.
+
+Pure logic, no model: ``measure(size)`` runs (or fakes) a training step of ``size`` (a batch size, or a token
+budget) and returns its peak memory in bytes, or ``None`` when it ran out of memory. Memory grows with the step,
+so the sizes that fit are a prefix: doubling from the smallest size finds a size that does not fit, and bisection
+between the last fit and the first miss finds the largest fit to within ``granularity``. ``vlmtune.step_probe``
+supplies the real measure (a forward, backward and optimiser step on the longest samples of the data).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+class NothingFits(ValueError):
+    """Not even the smallest step fits the memory cap."""
+
+
+@dataclass
+class SearchResult:
+    """The size chosen and every probe on the way.
+
+    Attributes:
+        size: the largest size that fit.
+        peak_bytes: its probe's peak memory.
+        probes: ``(size, peak bytes or None for out of memory)`` in the order they ran.
+    """
+
+    size: int
+    peak_bytes: int
+    probes: list[tuple[int, int | None]] = field(default_factory=list)
+
+
+def largest_fitting(
+    measure: Callable[[int], int | None],
+    cap_bytes: int,
+    smallest: int,
+    largest: int,
+    granularity: int = 1,
+    describe: Callable[[int], str] = str,
+    what: str = "step",
+) -> SearchResult:
+    """The largest size in ``[smallest, largest]`` whose ``measure`` is at most ``cap_bytes``.
+
+    Args:
+        measure: peak bytes of a step of that size, ``None`` when it ran out of memory.
+        cap_bytes: the most a step may use.
+        smallest: the first size tried; it must fit.
+        largest: no size above it is tried (the data's size: a step cannot hold more).
+        granularity: the search stops when the gap between a fit and a miss is at most this.
+        describe: a size in words, for the error (``"batch_size=1 (the longest sample, 812 tokens)"``).
+        what: the knob searched, for log lines.
+
+    Raises:
+        NothingFits: ``smallest`` does not fit; the message names the cap and what the smallest step needs.
+    """
+    if smallest < 1 or largest < smallest or granularity < 1:
+        raise ValueError(
+            f"need 1 <= smallest <= largest and granularity >= 1, got {smallest}, {largest}, {granularity}"
+        )
+    probes: list[tuple[int, int | None]] = []
+
+    def fits(size: int) -> bool:
+        peak = measure(size)
+        probes.append((size, peak))
+        shown = "out of memory" if peak is None else f"{peak / GIB:.2f} GiB"
+        logger.info("%s %d: %s (cap %.2f GiB)", what, size, shown, cap_bytes / GIB)
+        return peak is not None and peak <= cap_bytes
+
+    if not fits(smallest):
+        peak = probes[0][1]
+        needs = "runs out of memory" if peak is None else f"needs {peak / GIB:.2f} GiB"
+        raise NothingFits(
+            f"no {what} fits the memory cap of {cap_bytes / GIB:.2f} GiB: the smallest, {describe(smallest)}, {needs}. "
+            "Raise memory_limit_gib, lower max_length or the image size (image_options, e.g. max_pixels), or save "
+            "memory (QLoRA, gradient checkpointing, a frozen vision tower)"
+        )
+    low, high = smallest, None
+    while high is None and low < largest:
+        size = min(2 * low, largest)
+        if fits(size):
+            low = size
+        else:
+            high = size
+    while high is not None and high - low > granularity:
+        # Halfway, on the granularity's grid from the last fit (which is below ``high - granularity``).
+        mid = low + max(granularity, (high - low) // 2 // granularity * granularity)
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    peak = next(p for s, p in reversed(probes) if s == low)
+    return SearchResult(size=low, peak_bytes=peak, probes=probes)
