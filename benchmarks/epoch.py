@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/vlmtune-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--peer-site", default="/tmp/peer-site", help="site folder holding Unsloth")
+    parser.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering rows")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per stack; a stack over it is stopped")
     args = parser.parse_args(argv)
     if args.tiny:
         args.model, args.rows, args.stacks, args.memory_cap_gib = "tiny-qwen", min(args.rows, 8), "vlmtune,hf_bf16", 0
@@ -59,14 +61,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------ worker
 
 
-def _data(args) -> Any:
+def _render_part(folder: Path, rows: int, seed: int) -> Path:
     from vlmtune.data.latex_ocr import make_latex_ocr
+
+    return make_latex_ocr(rows, folder, seed=seed, test_fraction=0.0)["train"]
+
+
+def render_rows(args) -> Path:
+    """The epoch's rows, rendered once per machine: ``--render-workers`` processes each render a part (seed = the
+    part's number), joined in part order into one ``train.parquet``; the same arguments give the same rows."""
+    import concurrent.futures
+
+    import datasets
+
+    folder = args.cache / f"latex_ocr_epoch_{args.rows}_w{args.render_workers}"
+    if (folder / "train.parquet").exists():
+        return folder
+    parts = min(args.render_workers, args.rows)
+    sizes = [args.rows // parts + (i < args.rows % parts) for i in range(parts)]
+    with concurrent.futures.ProcessPoolExecutor(parts) as pool:
+        files = list(pool.map(_render_part, [folder / f"part{i}" for i in range(parts)], sizes, range(parts)))
+    joined = datasets.concatenate_datasets([datasets.Dataset.from_parquet(str(f)) for f in files])
+    joined.to_parquet(str(folder / "train.parquet.tmp"))
+    (folder / "train.parquet.tmp").rename(folder / "train.parquet")
+    return folder
+
+
+def _data(args) -> Any:
     from vlmtune.data.spec import load_rows
 
-    folder = args.cache / f"latex_ocr_epoch_{args.rows}"
-    if not (folder / "train.parquet").exists():
-        make_latex_ocr(args.rows, folder, seed=0, test_fraction=0.0)
-    return load_rows("latex_ocr", split="train", path=folder)
+    return load_rows("latex_ocr", split="train", path=render_rows(args))
 
 
 def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
@@ -112,7 +136,9 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     collator = Collator(detect(model.config), processor, model.config)
+    start = time.perf_counter()
     prepared = PreparedDataset(rows, collator)
+    _phase(f"{stack} set up, rows encoded", start)
     cuda = device == "cuda"
 
     def optimizer():
@@ -134,6 +160,7 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
         )
         probe.reset()
         batch_size = found.size
+        _phase(f"{stack} batch_size {batch_size} fits {args.memory_cap_gib} GiB", start)
     loader = torch.utils.data.DataLoader(
         prepared, batch_size=batch_size, collate_fn=collator, num_workers=default_workers(), pin_memory=cuda
     )
@@ -161,11 +188,15 @@ def worker(args, stack: str) -> int:
     if device == "cuda" and args.memory_cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total))
+    start = time.perf_counter()
     checkpoint = build_checkpoint(args.model, args.cache / args.model, device)
+    _phase(f"checkpoint {checkpoint}", start)
     rows = _data(args)
+    _phase(f"{len(rows)} rows loaded", start)
     run = run_vlmtune(args, checkpoint, rows, device) if stack == "vlmtune" else None
     if run is None:
         run = run_baseline(args, stack, checkpoint, rows, device)
+    _phase("epoch done", start)
     losses = run.pop("losses")
     tail = losses[-max(1, len(losses) // 10) :]
     record = {"stack": stack, "rows": len(rows), "steps": len(losses), **run}
@@ -178,19 +209,30 @@ def worker(args, stack: str) -> int:
 # ------------------------------------------------------------------------------------------------------ driver
 
 
-def _child(args, stack: str, argv: list[str]) -> dict[str, Any]:
+def _child(args, stack: str, argv: list[str], log: Path) -> dict[str, Any]:
+    """Run one stack's worker; its output goes to ``log`` as it comes (a stopped run leaves what it printed)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if stack.startswith("unsloth") and Path(args.peer_site).is_dir():
         env["PYTHONPATH"] = f"{args.peer_site}{os.pathsep}{ROOT}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.epoch", "worker", stack, *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    for line in proc.stdout.splitlines():
+    command = [sys.executable, "-m", "benchmarks.epoch", "worker", stack, *argv]
+    with log.open("w") as sink:
+        try:
+            proc = subprocess.run(
+                command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=args.timeout
+            )
+            status = f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"stopped after {args.timeout:.0f} s"
+    lines = log.read_text(errors="replace").splitlines()
+    for line in lines:
         if line.startswith(PREFIX):
             return json.loads(line[len(PREFIX) :])
-    tail = " | ".join(proc.stderr.strip().splitlines()[-6:])
-    return {"stack": stack, "status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+    return {"stack": stack, "status": "error", "reason": f"{status}: " + " | ".join(lines[-6:])}
+
+
+def _phase(name: str, start: float) -> None:
+    """A progress line in the stack's log: where a slow or stopped run spent its time."""
+    print(f"[{time.perf_counter() - start:8.1f} s] {name}", flush=True)
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -212,12 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return worker(parse_args(argv[2:]), argv[1])
     args = parse_args(argv)
-    records = [_child(args, stack, argv) for stack in args.stacks.split(",")]
     out = Path(os.environ.get("OUT") or args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    render_rows(args)  # before any stack, so no stack's time or timeout holds the rendering
+    print(f"{args.rows} rows ready in {time.perf_counter() - start:.0f} s", flush=True)
     meta = {"model": args.model, "rows": args.rows, "memory_cap_gib": args.memory_cap_gib, "vision": args.vision}
     meta["command"] = "python -m benchmarks.epoch " + " ".join(argv)
-    (out / f"epoch_{args.model}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    records = []
+    for stack in args.stacks.split(","):
+        records.append(_child(args, stack, argv, out / f"epoch_{args.model}_{stack}.log"))
+        print(table(records[-1:]).splitlines()[-1], flush=True)
+        # Written after every stack, so a call that runs out of time keeps the stacks that finished.
+        (out / f"epoch_{args.model}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
     print(table(records))
     return 0 if all("epoch_s" in r for r in records) else 1
 
