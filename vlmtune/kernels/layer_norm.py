@@ -38,6 +38,12 @@ def _num_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
+def _rows_per_tile(block: int) -> int:
+    """Rows each program handles at a time: one for real widths (SigLIP's 1152 pads to 2048); several for narrow
+    rows, so that a program still moves a few thousand elements (and the CPU interpreter runs few programs)."""
+    return max(1, min(64, 2048 // block))
+
+
 @fast_launch
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -49,25 +55,29 @@ def _layer_norm_fwd_kernel(
     rstd_ptr,
     stride_x,
     stride_y,
+    n_rows,
     n_cols,
     eps,
     HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    # Two passes over the row in registers (centre, then square): no cancellation for rows with a large mean.
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
-    y = centred * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    # Centred before squaring: no cancellation for rows with a large mean.
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @fast_launch
@@ -89,39 +99,41 @@ def _layer_norm_bwd_kernel(
     rows_per_program,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Each program owns a band of rows_per_program rows (a multiple of ROWS), ROWS at a time.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
-    for i in range(0, rows_per_program):
-        row = row_start + i
+    for i in range(0, rows_per_program, ROWS):
+        rows = row_start + i + tl.arange(0, ROWS)
         # Rows past the end (the last band may be short) load zeros and store nothing.
-        in_range = row < n_rows
-        row_mask = mask & in_range
-        x = tl.load(x_ptr + row * stride_x + cols, mask=row_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=row_mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
-        x_hat = tl.where(row_mask, (x - mean) * rstd, 0.0)
-        g = dy * w
+        in_range = rows < n_rows
+        mask = in_range[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=in_range, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=in_range, other=0.0)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
         # d/dx of (x - mean) * rstd: remove the gradient's mean and its projection on x_hat.
-        c1 = tl.sum(g * x_hat, axis=0) / n_cols
-        c2 = tl.sum(g, axis=0) / n_cols
-        dx = rstd * (g - c2 - x_hat * c1)
-        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
+        c1 = tl.sum(g * x_hat, axis=1) / n_cols
+        c2 = tl.sum(g, axis=1) / n_cols
+        dx = rstd[:, None] * (g - c2[:, None] - x_hat * c1[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw_acc += dy * x_hat
+            dw_acc += tl.sum(dy * x_hat, axis=0)
         if COMPUTE_DB:
-            db_acc += dy
+            db_acc += tl.sum(dy, axis=0)
     if COMPUTE_DW:
-        tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+        tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_mask)
     if COMPUTE_DB:
-        tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=mask)
+        tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=col_mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -138,8 +150,9 @@ class _LayerNormFunction(torch.autograd.Function):
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n_cols)
+        tile = _rows_per_tile(block)
         if n_rows > 0:
-            _layer_norm_fwd_kernel[(n_rows,)](
+            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, tile),)](
                 x2d,
                 weight,
                 weight if bias is None else bias,  # an unused pointer without bias
@@ -148,9 +161,11 @@ class _LayerNormFunction(torch.autograd.Function):
                 rstd,
                 x2d.stride(0),
                 y.stride(0),
+                n_rows,
                 n_cols,
                 eps,
                 HAS_BIAS=bias is not None,
+                ROWS=tile,
                 BLOCK=block,
                 num_warps=_num_warps(block),
             )
@@ -171,6 +186,7 @@ class _LayerNormFunction(torch.autograd.Function):
         dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1, 1), dtype=torch.float32, device=x2d.device)
         db_partial = torch.empty((n_programs, n_cols) if compute_db else (1, 1), dtype=torch.float32, device=x2d.device)
         block = triton.next_power_of_2(n_cols)
+        tile = _rows_per_tile(block)
         if n_rows > 0:
             _layer_norm_bwd_kernel[(n_programs,)](
                 dy2d,
@@ -186,9 +202,10 @@ class _LayerNormFunction(torch.autograd.Function):
                 dx.stride(0),
                 n_rows,
                 n_cols,
-                triton.cdiv(n_rows, n_programs),
+                triton.cdiv(triton.cdiv(n_rows, n_programs), tile) * tile,
                 COMPUTE_DW=compute_dw,
                 COMPUTE_DB=compute_db,
+                ROWS=tile,
                 BLOCK=block,
                 num_warps=_num_warps(block),
             )
