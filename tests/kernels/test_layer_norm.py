@@ -108,3 +108,16 @@ def test_layer_norm_real_size():
     """SigLIP-so400m (Gemma-3): 8 images x 4096 patches of width 1152."""
     x, w, b, dy = _inputs((8, 4096), 1152, torch.bfloat16, torch.device("cuda"))
     _compare(x, w, b, dy, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast lists layer_norm as an fp32 op, CPU's not")
+def test_under_autocast_the_output_stays_in_the_input_dtype():
+    """The Trainer's bf16 autocast runs ``F.layer_norm`` in fp32 on CUDA (and every projection then casts its
+    output back): the kernel returns bf16 directly, the reference's fp32 values rounded once."""
+    x, w, b, _ = _inputs((37,), 72, torch.bfloat16, torch.device("cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = layer_norm_reference(x, w, b, 1e-6)
+        got = layer_norm(x, w, b, 1e-6)
+    assert want.dtype == torch.float32 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.to(torch.bfloat16), atol=2e-2, rtol=1e-2)

@@ -6,6 +6,8 @@ Vision LoRA under a frozen language tower (the language ops are test_patch.py's)
 frozen: the fused node without LoRA still passes gradients back). Tolerances as in test_patch.py (fp32).
 """
 
+import importlib
+
 import pytest
 import torch
 from transformers import set_seed
@@ -14,10 +16,11 @@ import vlmtune
 from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.spec import DataSpec, load_rows
-from vlmtune.kernels import fc_mlp as fc_mlp_kernels
 from vlmtune.kernels.patch import apply_kernels
 from vlmtune.testing import init_lora_b
 
+# The module: vlmtune.kernels re-exports its function under the same name.
+fc_mlp_kernels = importlib.import_module("vlmtune.kernels.fc_mlp")
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 VISION_OPS = ("lora_linear", "layer_norm", "fc_mlp")

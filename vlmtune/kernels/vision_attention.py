@@ -18,6 +18,17 @@ Either way the arithmetic per sequence is the one the loop does (softmax over th
 ``scale = head_dim ** -0.5``), so results match it to the kernel's rounding. The grouping is worked out once per
 ``cu_seqlens`` tensor (one device-to-host copy per tensor and forward instead of one per block) and reused by
 every block and by the recomputation in backward.
+
+SigLIP towers (Gemma-3, MiniCPM-V) need nothing from this module: each image is its own sequence, so they call
+``scaled_dot_product_attention`` once per layer over ``(images, heads, patches, head_dim)``. On Gemma-3 (16 heads
+of 72, 4096 patches per image) transformers' ``sdpa`` path passes no mask and ``is_causal=False`` (SigLIP's
+encoder is called without an ``attention_mask``; tests/kernels/test_patch_vision.py checks it), dropout 0, bf16:
+the conditions of the flash backend, whose head-dim rule (a multiple of 8, at most 256) 72 meets, so on Hopper
+torch should pick flash forward and backward (its kernels are built for head dims 64, 96, 128 ...: 72 runs in
+the 96 kernel, a quarter of its work on padding), with cuDNN attention (where torch ranks it first) or the
+memory-efficient kernel as the alternatives. ``benchmarks/kernel_ops.py --only "siglip sdpa"`` times each
+backend at that shape, and its ``--profile`` table names the kernel torch's default ran. MiniCPM-V passes a mask
+only when some view is padded (``vlmtune.families.minicpmv.vision``), which keeps the memory-efficient kernel.
 """
 
 from __future__ import annotations
