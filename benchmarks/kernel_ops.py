@@ -5,6 +5,7 @@
     python -m benchmarks.kernel_ops --smoke    # anywhere (CPU: Triton interpreter), tiny sizes, no timing
     python -m benchmarks.kernel_ops --only swiglu --profile $OUT   # also where the time goes, per case
     python -m benchmarks.kernel_ops --only swiglu,geglu --tokens 4096,8192   # other token counts
+    python -m benchmarks.kernel_ops --only siglip --profile $OUT   # Gemma-3's vision tower ops (8 x 4096 patches)
 
 Run from the repository root.
 
@@ -20,6 +21,11 @@ dequantisation, of a frozen weight, forward only). Four times each:
 - ``*_host_ms``: the median time Python takes to queue one run (``time.perf_counter``; launches are
   asynchronous): what an op costs when the step is host-bound.
 - ``*_gpu_ms``: the sum of the kernels' own durations from the profiler, averaged over ``--reps`` runs.
+
+The ``siglip`` cases run at Gemma-3's vision shape whatever ``--tokens`` says: 8 images x 4096 patches, width
+1152, MLP 4304, 16 heads of 72. ``siglip sdpa <backend>`` forces one SDPA backend (a backend that cannot run the
+shape is reported and skipped); ``siglip sdpa default`` is what torch picks, and its ``--profile`` kernel table
+names the kernel that ran (``flash_fwd`` / ``fmha_cutlass`` / ``cudnn``).
 
 Peak memory is the allocator's peak above what the inputs already hold, for one forward + backward.
 
@@ -52,11 +58,13 @@ if not torch.cuda.is_available():
 
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from vlmtune.kernels.fc_mlp import fc_mlp, fc_mlp_reference  # noqa: E402
 from vlmtune.kernels.fused_linear_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
 from vlmtune.kernels.gated_mlp import geglu_tanh, geglu_tanh_reference, swiglu, swiglu_reference  # noqa: E402
+from vlmtune.kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
 from vlmtune.kernels.lora_linear import dequantize_nf4, lora_linear, lora_linear_reference  # noqa: E402
 from vlmtune.kernels.lora_mlp import LoraProjection, lora_gated_mlp, lora_gated_mlp_reference  # noqa: E402
 from vlmtune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
@@ -172,6 +180,84 @@ def _lora_mlp(t, hidden, inter, rank, kind, device, dtype):
     )
 
 
+def _layer_norm(t, hidden, device, dtype):
+    x = _leaf(t, hidden, device=device, dtype=dtype)
+    w = _leaf(hidden, device=device, dtype=dtype, scale=0.1, grad=False) + 1.0  # LoRA training freezes norms
+    b = _leaf(hidden, device=device, dtype=dtype, scale=0.1, grad=False)
+    return _fwd_bwd(layer_norm, [x], x, w, b, 1e-6), _fwd_bwd(layer_norm_reference, [x], x, w, b, 1e-6)
+
+
+def _fc_mlp(t, hidden, inter, rank, kind, nf4, device, dtype):
+    """SigLIP's MLP with LoRA r``rank`` on fc1 and fc2 over dense (the vision tower's default) or NF4 bases, fp32
+    LoRA factors (vlmtune's default). ``kind`` "fused": :func:`fc_mlp` against the reference; "unfused": the same
+    reference against two ``lora_linear`` kernels around torch's GELU (today's path without the fused op);
+    "frozen": :func:`fc_mlp` without LoRA, only ``x`` asking for a gradient."""
+    x = _leaf(t, hidden, device=device, dtype=dtype)
+    leaves, parts = [x], []
+    for out_f, in_f in ((inter, hidden), (hidden, inter)):
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+        state = None
+        if nf4:
+            w, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        bias = 0.1 * torch.randn(out_f, device=device, dtype=dtype)
+        if kind == "frozen":
+            parts += [LoraProjection(w, state), bias]
+            continue
+        a = _leaf(rank, in_f, device=device, dtype=torch.float32, scale=in_f**-0.5)
+        b = _leaf(out_f, rank, device=device, dtype=torch.float32, scale=0.01)
+        leaves += [a, b]
+        parts += [LoraProjection(w, state, a, b, 2.0), bias]
+
+    def unfused(x, fc1, bias1, fc2, bias2, activation):
+        def project(inputs, p, bias):
+            return lora_linear(inputs, p.weight, p.quant_state, bias, p.lora_A, p.lora_B, p.scale)
+
+        return project(torch.nn.functional.gelu(project(x, fc1, bias1), approximate="tanh"), fc2, bias2)
+
+    kernel = unfused if kind == "unfused" else fc_mlp
+    return (
+        _fwd_bwd(kernel, leaves, x, *parts, "gelu_tanh"),
+        _fwd_bwd(fc_mlp_reference, leaves, x, *parts, "gelu_tanh"),
+    )
+
+
+class Unavailable(RuntimeError):
+    """A case this machine cannot run (an SDPA backend that rejects the shape): reported and skipped."""
+
+
+def _sdpa(images, patches, heads, head_dim, backend, device, dtype):
+    """Bidirectional attention without a mask, as SigLIP calls it: ``backend`` forced (or torch's own pick for
+    "default"), against the memory-efficient backend (the math one would hold 8 x 16 x 4096² scores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (
+        _leaf(images, patches, heads, head_dim, device=device, dtype=dtype, grad=False).transpose(1, 2).requires_grad_()
+        for _ in range(3)
+    )
+    scale = head_dim**-0.5
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+    def attend(chosen):
+        def run(q, k, v):
+            if chosen is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+            with sdpa_kernel([chosen]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        return run
+
+    step = _fwd_bwd(attend(backends.get(backend)), [q, k, v], q, k, v)
+    try:
+        step()
+    except RuntimeError as error:  # "No available kernel": torch's warnings above it say why
+        raise Unavailable(f"SDPA backend {backend!r} cannot run this shape: {error}") from error
+    return step, _fwd_bwd(attend(SDPBackend.EFFICIENT_ATTENTION), [q, k, v], q, k, v)
+
+
 def _fused_ce(t, hidden, vocab, softcap, device, dtype):
     h = _leaf(t, hidden, device=device, dtype=dtype)
     w = _leaf(vocab, hidden, device=device, dtype=dtype, scale=hidden**-0.5, grad=False)  # frozen lm_head
@@ -201,7 +287,13 @@ def cases(smoke: bool, t: int = 2048) -> dict[str, Callable]:
             "frozen gated_mlp nf4": lambda d, dt: _lora_mlp(7, 64, 96, 4, "frozen", d, dt),
             "fused_linear_ce": lambda d, dt: _fused_ce(7, 48, 100, None, d, dt),
             "fused_linear_ce softcap": lambda d, dt: _fused_ce(7, 48, 100, 30.0, d, dt),
+            "siglip layer_norm": lambda d, dt: _layer_norm(37, 72, d, dt),
+            "siglip fc_mlp": lambda d, dt: _fc_mlp(37, 72, 130, 4, "fused", False, d, dt),
+            "siglip fc_mlp nf4": lambda d, dt: _fc_mlp(37, 64, 128, 4, "fused", True, d, dt),
+            "siglip unfused fc_mlp": lambda d, dt: _fc_mlp(37, 72, 130, 4, "unfused", False, d, dt),
+            "siglip frozen fc_mlp": lambda d, dt: _fc_mlp(37, 72, 130, 4, "frozen", False, d, dt),
         }
+    siglip = 8 * 4096  # Gemma-3: 8 images of 4096 patches, whatever `t` is
     return {
         "rms_norm llama 3584": lambda d, dt: _rms_norm(t, 3584, "llama", d, dt),
         "rms_norm gemma 2560": lambda d, dt: _rms_norm(t, 2560, "gemma", d, dt),
@@ -222,6 +314,15 @@ def cases(smoke: bool, t: int = 2048) -> dict[str, Callable]:
         "frozen gated_mlp nf4 2560/10240": lambda d, dt: _lora_mlp(t, 2560, 10240, 16, "frozen", d, dt),
         "fused_linear_ce 3584 x 152064": lambda d, dt: _fused_ce(t, 3584, 152064, None, d, dt),
         "fused_linear_ce 2560 x 262208 cap": lambda d, dt: _fused_ce(t, 2560, 262208, 30.0, d, dt),
+        "siglip layer_norm 1152": lambda d, dt: _layer_norm(siglip, 1152, d, dt),
+        "siglip fc_mlp 1152/4304 r16": lambda d, dt: _fc_mlp(siglip, 1152, 4304, 16, "fused", False, d, dt),
+        "siglip unfused fc_mlp 1152/4304 r16": lambda d, dt: _fc_mlp(siglip, 1152, 4304, 16, "unfused", False, d, dt),
+        "siglip frozen fc_mlp 1152/4304": lambda d, dt: _fc_mlp(siglip, 1152, 4304, 16, "frozen", False, d, dt),
+        "siglip fc_mlp nf4 1152/4304 r16": lambda d, dt: _fc_mlp(siglip, 1152, 4304, 16, "fused", True, d, dt),
+        **{
+            f"siglip sdpa {backend} 16 x 72": lambda d, dt, b=backend: _sdpa(8, 4096, 16, 72, b, d, dt)
+            for backend in ("default", "flash", "efficient", "cudnn")
+        },
     }
 
 
@@ -337,7 +438,11 @@ def main() -> None:
         if any(part in name for part in args.only.split(","))
     }
     for name, build in builders.items():
-        kernel, reference = build(device, dtype)
+        try:
+            kernel, reference = build(device, dtype)
+        except Unavailable as error:
+            print(f"{name:34s} skipped: {error}")
+            continue
         if not cuda:
             start = time.perf_counter()
             kernel()

@@ -143,10 +143,12 @@ def test_kernels_on_equal_off_and_revert_restores(family_path, latex_rows, monke
     assert len(vision_lora) > 0 and len(lora_layers) == 7 * n_layers + len(vision_lora)
     assert sorted(patch.patched["lora_linear"]) == sorted(lora_layers) and not patch.skipped
     assert patch.patched["cross_entropy"] == [""]
-    # In the vision tower only LoRA layers and Qwen's attention loop over images / windows change.
+    # In the vision tower only LoRA layers, Qwen's attention loop over images / windows and SigLIP's LayerNorms and
+    # MLPs change (tests/kernels/test_patch_vision.py checks those).
     n_vision = model.config.vision_config.depth if family.vision_attention_kind else 0
     assert len(patch.patched["vision_attention"]) == n_vision
-    patched = [n for op, names in patch.patched.items() if op not in ("vision_attention", "lora_linear") for n in names]
+    vision_ops = ("vision_attention", "lora_linear", "layer_norm", "fc_mlp")
+    patched = [n for op, names in patch.patched.items() if op not in vision_ops for n in names]
     assert all(family.tower_of(n) == "language" for n in patched if n)
     assert len(patch.patched["sdpa_backend"]) == n_layers
 

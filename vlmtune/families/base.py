@@ -132,6 +132,11 @@ class Family:
             concatenate. ``None``: the family does not support packing.
         tiny: the builders of the family's tiny random checkpoints, one per ``model_type``
             (``(out_folder) -> None``; see :mod:`vlmtune.tiny`).
+        vision_norm_kind: ``"layer_norm"`` where the vision tower (and projector) normalise with ``nn.LayerNorm``
+            (SigLIP, Qwen2-VL / Qwen3-VL's ViT), which the ``layer_norm`` kernel op replaces; ``None`` leaves them.
+        vision_mlp_kind: ``"fc"`` where the vision tower's MLPs are non-gated ``fc2(act(fc1(x)))`` (SigLIP,
+            Qwen2-VL / Qwen3-VL's ViT), which the ``fc_mlp`` kernel op fuses; ``None`` leaves them. One descriptor
+            may serve checkpoints of both layouts (Qwen2-VL and Qwen2.5-VL): the op finds MLPs by structure.
     """
 
     name: str
@@ -153,6 +158,8 @@ class Family:
     load_processor: Callable[..., Any] | None = None
     pack: Callable[..., dict[str, Any]] | None = None
     tiny: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
+    vision_norm_kind: str | None = None
+    vision_mlp_kind: str | None = None
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""

@@ -7,9 +7,10 @@
     ...                                            # train: same numbers as the plain path, less time and memory
     patch.revert()                                 # every forward is again exactly what it was
 
-Only modules under ``family.towers["language"]`` change, with two exceptions: ``lora_linear`` takes every
-eligible LoRA layer of every tower, and ``vision_attention`` batches the vision tower's per-sequence attention
-loop (Qwen-VL), the same arithmetic in a few calls. Nothing is
+Only modules under ``family.towers["language"]`` change, with these exceptions: ``lora_linear`` takes every
+eligible LoRA layer of every tower, ``vision_attention`` batches the vision tower's per-sequence attention
+loop (Qwen-VL), the same arithmetic in a few calls, and ``layer_norm`` / ``fc_mlp`` take the vision tower's
+LayerNorms and non-gated MLPs. Nothing is
 patched in source text: each op replaces ``forward`` on the module *instances* it finds (the class and every
 other model of the family are untouched), and the family's data (``norm_kind``, ``mlp_kind``, ``rope_kind``)
 says which kernel variant to use. The ops (``ALL_OPS``):
@@ -24,6 +25,10 @@ says which kernel variant to use. The ops (``ALL_OPS``):
 - ``vision_attention``: Qwen-VL's vision ``*VisionAttention`` modules attend every image / window in one call
   (:mod:`vlmtune.kernels.vision_attention`) instead of transformers' Python loop over ``cu_seqlens``; the
   family's ``vision_attention_kind`` says which families have it.
+- ``layer_norm``: every ``nn.LayerNorm`` of the vision tower and projector where the family's ``vision_norm_kind``
+  is ``"layer_norm"`` (:mod:`vlmtune.kernels.layer_norm`).
+- ``fc_mlp``: the vision tower's ``fc2(act(fc1(x)))`` MLPs where the family's ``vision_mlp_kind`` is ``"fc"``, as one
+  autograd Function when each linear is a patched LoRA layer or a frozen linear (:mod:`vlmtune.kernels.fc_mlp`).
 - ``cross_entropy``: the top-level forward (MiniCPM-V: its ``llm``'s) computes the loss from the final hidden
   states with the fused linear cross-entropy, so the ``(tokens, vocab)`` logits never exist; it returns
   ``logits=None``.
@@ -43,13 +48,40 @@ from collections.abc import Callable
 import torch
 
 from vlmtune.families.base import Family
-from vlmtune.kernels.hf import cross_entropy, lora_linear, mlp, rms_norm, rope, sdpa_backend, vision_attention
+from vlmtune.kernels.hf import (
+    cross_entropy,
+    fc_mlp,
+    layer_norm,
+    lora_linear,
+    mlp,
+    rms_norm,
+    rope,
+    sdpa_backend,
+    vision_attention,
+)
 from vlmtune.kernels.hf.common import KERNEL
 from vlmtune.patching import swapped_modules
 
 logger = logging.getLogger(__name__)
 
-ALL_OPS = ("rms_norm", "rope", "mlp", "lora_linear", "cross_entropy", "vision_attention", "sdpa_backend")
+ALL_OPS = (
+    "rms_norm",
+    "rope",
+    "mlp",
+    "lora_linear",
+    "cross_entropy",
+    "vision_attention",
+    "layer_norm",
+    "fc_mlp",
+    "sdpa_backend",
+)
+# Vision ops whose family field may leave them off; one descriptor can also serve checkpoints whose vision towers
+# differ (Qwen2-VL's LayerNorm + fc MLP, Qwen2.5-VL's RMSNorm + gated MLP), so finding nothing is no warning.
+_VISION_OP_KINDS = {
+    "vision_attention": "vision_attention_kind",
+    "layer_norm": "vision_norm_kind",
+    "fc_mlp": "vision_mlp_kind",
+}
 
 _PATCHERS = {
     "vision_attention": vision_attention.apply,
@@ -58,6 +90,8 @@ _PATCHERS = {
     "mlp": mlp.apply,
     "lora_linear": lora_linear.apply,
     "cross_entropy": cross_entropy.apply,
+    "layer_norm": layer_norm.apply,
+    "fc_mlp": fc_mlp.apply,
     "sdpa_backend": sdpa_backend.apply,
 }
 
@@ -99,7 +133,7 @@ class KernelPatch:
 
 
 def apply_kernels(model: torch.nn.Module, family: Family, ops: tuple[str, ...] = ALL_OPS) -> KernelPatch:
-    """Patch ``ops`` of ``model``'s language tower with the Triton kernels.
+    """Patch ``ops`` of ``model``'s language tower (and vision tower, for the vision ops) with the Triton kernels.
 
     Args:
         model: a transformers ``*ForConditionalGeneration`` (16-bit, fp32 or with bitsandbytes NF4 linears),
@@ -142,8 +176,12 @@ def apply_kernels(model: torch.nn.Module, family: Family, ops: tuple[str, ...] =
         patch.revert()
         raise
     for op in ops:
-        if not patch.patched[op] and not (op == "vision_attention" and family.vision_attention_kind is None):
+        if patch.patched[op]:
+            continue
+        if op not in _VISION_OP_KINDS:
             logger.warning("kernel op %r found nothing to patch in %s", op, type(base).__name__)
+        elif getattr(family, _VISION_OP_KINDS[op]) is not None:
+            logger.info("kernel op %r: no such module in the vision tower of %s", op, type(base).__name__)
     logger.info(
         "Triton kernels on %s: %s; %d modules keep their own forward",
         type(base).__name__,

@@ -111,4 +111,7 @@ GEMMA3 = Family(
     },
     pack=pack_row,
     tiny={"gemma3": build_gemma3},
+    # SigLIP: nn.LayerNorm and fc1 -> gelu_pytorch_tanh -> fc2.
+    vision_norm_kind="layer_norm",
+    vision_mlp_kind="fc",
 )

@@ -88,4 +88,7 @@ MINICPMV = Family(
     load_processor=MiniCPMVProcessor.from_pretrained,
     pack=pack_row,
     tiny={"minicpmv": build_minicpmv},
+    # The SigLIP encoder (vpm) and the resampler: nn.LayerNorm; vpm's MLPs fc1 -> gelu_pytorch_tanh -> fc2.
+    vision_norm_kind="layer_norm",
+    vision_mlp_kind="fc",
 )

@@ -153,6 +153,10 @@ QWEN2_5_VL = Family(
     image_options={"min_pixels": None, "max_pixels": None},
     pack=pack_row,
     tiny={"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl},
+    # Qwen2-VL's ViT (and Qwen3-VL's): nn.LayerNorm and fc1 -> QuickGELU (tanh-GELU) -> fc2. Qwen2.5-VL's has
+    # RMSNorm and a gated SiLU MLP with biases, which these ops find nothing of (see vlmtune.kernels.patch).
+    vision_norm_kind="layer_norm",
+    vision_mlp_kind="fc",
 )
 
 # Qwen3-VL is Qwen2.5-VL's descriptor with its own names (the data and image path are the same).
