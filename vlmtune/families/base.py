@@ -132,6 +132,9 @@ class Family:
             concatenate. ``None``: the family does not support packing.
         tiny: the builders of the family's tiny random checkpoints, one per ``model_type``
             (``(out_folder) -> None``; see :mod:`vlmtune.tiny`).
+        compile_layers: per tower, a regular expression (``re.fullmatch``) of the module names of its repeated
+            layers, the units :mod:`vlmtune.compile` compiles one by one (all of a tower's layers then share one
+            graph); a tower left out is never compiled (``TrainConfig.compile`` warns and keeps it eager).
     """
 
     name: str
@@ -153,6 +156,7 @@ class Family:
     load_processor: Callable[..., Any] | None = None
     pack: Callable[..., dict[str, Any]] | None = None
     tiny: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
+    compile_layers: Mapping[str, str] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""
