@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from vlmtune.compile import COMPILE_TOWERS, compile_layers, resolve_compile
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.families import Family
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
@@ -83,6 +84,9 @@ class TrainConfig:
         trainer_args: further ``transformers.TrainingArguments`` fields, passed through as they are (e.g.
             ``{"lr_scheduler_kwargs": {...}, "torch_compile": True}``); one that TrainConfig sets itself is refused,
             naming the field to set instead.
+        compile: ``torch.compile`` the layers of ``"language"``, ``"vision"`` or ``"both"`` towers one by one, so
+            each tower's layers share one graph (:mod:`vlmtune.compile`), with the kernels inside as custom ops;
+            ``"off"``: eager. ``None``: ``vlmtune.compile.DEFAULT_COMPILE`` on a CUDA model, else ``"off"``.
     """
 
     output_dir: str = "out"
@@ -120,6 +124,7 @@ class TrainConfig:
     report: bool = True
     report_latex: bool = False
     trainer_args: dict[str, Any] = field(default_factory=dict)
+    compile: Literal["off", "language", "vision", "both"] | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -146,6 +151,8 @@ class TrainConfig:
         check_best_metric(self.best_metric, self.eval_steps, self.save_steps, self.eval_samples)
         if self.trainer_args:
             check_trainer_args(self)
+        if self.compile not in (None, *COMPILE_TOWERS):
+            raise ValueError(f"compile must be None or one of {sorted(COMPILE_TOWERS)}, got {self.compile!r}")
 
 
 @dataclass
@@ -381,6 +388,7 @@ def train(
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
     checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
     kernels = KernelSwitch(model, family, enabled=use_kernels(config, model))
+    compiled = compile_layers(model, family, resolve_compile(config.compile, model))
     trainer = CheckpointTrainer(
         model=model,
         args=args,
@@ -400,6 +408,7 @@ def train(
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         # Export sees the plain model; generation needs logits the fused loss never builds.
+        compiled.revert()
         kernels.off()
         _close_progress_bars(trainer)
     return TrainResult(
