@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from vlmtune.compile import COMPILE_TOWERS, compile_layers, resolve_compile
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.data.host import TimedCollate, collate_time_callback, dataloader_arguments
 from vlmtune.families import Family
@@ -93,6 +94,9 @@ class TrainConfig:
             ``memory_limit_gib`` (CPU: ``max_length``). ``None``: ``max_length``.
         memory_limit_gib: the memory cap of ``"auto"`` (``None``: the device's free memory less a margin).
         prefetch_factor: batches each DataLoader worker prepares ahead (with workers).
+        compile: ``torch.compile`` the layers of ``"language"``, ``"vision"`` or ``"both"`` towers one by one, so
+            each tower's layers share one graph (:mod:`vlmtune.compile`), with the kernels inside as custom ops;
+            ``"off"``: eager. ``None``: ``vlmtune.compile.DEFAULT_COMPILE`` on a CUDA model, else ``"off"``.
     """
 
     output_dir: str = "out"
@@ -133,6 +137,7 @@ class TrainConfig:
     max_tokens_per_step: int | Literal["auto"] | None = None
     memory_limit_gib: float | None = None
     prefetch_factor: int = 2
+    compile: Literal["off", "language", "vision", "both"] | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -160,6 +165,8 @@ class TrainConfig:
         check_best_metric(self.best_metric, self.eval_steps, self.save_steps, self.eval_samples)
         if self.trainer_args:
             check_trainer_args(self)
+        if self.compile not in (None, *COMPILE_TOWERS):
+            raise ValueError(f"compile must be None or one of {sorted(COMPILE_TOWERS)}, got {self.compile!r}")
 
 
 @dataclass
@@ -401,6 +408,7 @@ def train(
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
     checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
     kernels = KernelSwitch(model, family, enabled=use_kernels(config, model))
+    compiled = compile_layers(model, family, resolve_compile(config.compile, model))
     trainer = CheckpointTrainer(
         model=model,
         args=args,
@@ -420,6 +428,7 @@ def train(
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         # Export sees the plain model; generation needs logits the fused loss never builds.
+        compiled.revert()
         kernels.off()
         _close_progress_bars(trainer)
     return TrainResult(

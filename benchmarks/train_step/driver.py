@@ -6,6 +6,7 @@ Run from the repository root (``benchmarks`` is imported as a package, not insta
     python -m benchmarks.train_step --model gemma3-4b --shape real --configs hf_qlora,unsloth,vlmtune_qlora
     python -m benchmarks.train_step --model qwen2_5_vl-7b --shape real \
         --configs vlmtune_qlora_kernels,vlmtune_qlora_kernels_packed               # padding-free packing's gain
+        --configs vlmtune_qlora_kernels,vlmtune_qlora_kernels_compile_language     # per-layer torch.compile's gain
     python -m benchmarks.train_step --model qwen2_5_vl-7b --shape fixed --max-batch     # largest batch in 24/80 GiB
     python -m benchmarks.train_step --model qwen2_5_vl-7b --profile      # where one step's time goes (ours, hf_qlora)
     python -m benchmarks.train_step --model qwen2_5_vl-3b --suite final --out $OUT       # a fixed set, one call

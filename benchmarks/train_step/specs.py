@@ -320,6 +320,8 @@ class BenchConfig:
         offload: vlmtune's activation offload (``TuningConfig(offload_activations=True)``).
         lora_dtype: vlmtune's ``TuningConfig.lora_dtype`` (``"float32"`` or ``"compute"``).
         vision_micro_batch: vlmtune's ``TuningConfig.vision_micro_batch`` (images per vision-tower pass).
+        compile: vlmtune's ``TrainConfig.compile`` (``"language"``, ``"vision"``, ``"both"``): the towers' layers
+            compiled one by one (``vlmtune.compile.compile_layers``) after the kernels are applied.
         packed: train on each step's samples packed into one padding-free row (``vlmtune.data.packing``) instead
             of the padded batch; real shape only (``batches.build_steps`` says why this is the
             like-for-like comparison).
@@ -336,6 +338,7 @@ class BenchConfig:
     lora_dtype: str = "float32"
     vision_micro_batch: int | None = None
     packed: bool = False
+    compile: str = "off"
 
     @property
     def needs_cuda(self) -> bool:
@@ -386,6 +389,12 @@ CONFIGS: dict[str, BenchConfig] = {
         kernels=True,
         packed=True,
     ),
+    **{
+        f"vlmtune_qlora_kernels_compile_{towers}": BenchConfig(
+            "vlmtune", True, f"vlmtune QLoRA, kernels on, {towers} layers compiled", kernels=True, compile=towers
+        )
+        for towers in ("language", "vision", "both")
+    },
     "vlmtune_bf16": BenchConfig("vlmtune", False, "vlmtune bf16 LoRA, kernels off"),
     "vlmtune_bf16_packed": BenchConfig(
         "vlmtune", False, "vlmtune bf16 LoRA, kernels off, each step's samples packed (real shape)", packed=True

@@ -178,6 +178,11 @@ def setup_vlmtune(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: s
         patch = apply_kernels(model, adapter)
         info["kernels_patched"] = {op: len(names) for op, names in patch.patched.items()}
         info["kernels_skipped"] = len(patch.skipped)
+    if cfg.compile != "off":
+        from vlmtune.compile import compile_layers
+
+        compiled = compile_layers(model, adapter, cfg.compile)
+        info["compiled_layers"] = {tower: len(names) for tower, names in compiled.layers.items()}
     return model, info
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.ops import kernel_op
 
 _MAX_BLOCK_V = 16384
 # Logits elements per chunk when chunk_size is not given: 2^27 is 256 MiB in bf16.
@@ -156,31 +157,48 @@ def _chunked_loss_and_grads(
     return loss_rows, grad_h, grad_w
 
 
+def _loss_and_grads(hidden, weight, labels, ignore_index, softcap, chunk_size, return_logits, reduction, needs):
+    """``(loss, logits or None, grad_h or None, grad_w or None)``: the gradients of the loss that ``needs`` asks for
+    (of ``hidden``, of ``weight``), computed on the way."""
+    n_rows = hidden.shape[0]
+    supervised = labels != ignore_index
+    rows = None
+    if return_logits:
+        n_supervised = int(supervised.sum())
+        h, y = hidden, labels
+    else:
+        rows = supervised.nonzero().squeeze(1)
+        n_supervised = rows.numel()
+        h, y = hidden[rows], labels[rows]
+    # Zero supervised rows: loss 0 with zero gradients, where F.cross_entropy's mean would give nan.
+    grad_scale = 1.0 / max(n_supervised, 1) if reduction == "mean" else 1.0
+    logits_out = (
+        torch.empty(n_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device) if return_logits else None
+    )
+    chunk = chunk_size or _default_chunk_size(weight.shape[0])
+    loss_rows, grad_h, grad_w = _chunked_loss_and_grads(
+        h, weight, y, ignore_index, softcap, chunk, grad_scale, logits_out, *needs
+    )
+    loss = loss_rows.sum() * grad_scale
+    if grad_h is not None and rows is not None:
+        grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
+    return loss, logits_out, grad_h, grad_w
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, softcap, chunk_size, return_logits, reduction):
-        n_rows = hidden.shape[0]
-        supervised = labels != ignore_index
-        rows = None
-        if return_logits:
-            n_supervised = int(supervised.sum())
-            h, y = hidden, labels
-        else:
-            rows = supervised.nonzero().squeeze(1)
-            n_supervised = rows.numel()
-            h, y = hidden[rows], labels[rows]
-        # Zero supervised rows: loss 0 with zero gradients, where F.cross_entropy's mean would give nan.
-        grad_scale = 1.0 / max(n_supervised, 1) if reduction == "mean" else 1.0
-        logits_out = (
-            torch.empty(n_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device) if return_logits else None
+        loss, logits_out, grad_h, grad_w = _loss_and_grads(
+            hidden,
+            weight,
+            labels,
+            ignore_index,
+            softcap,
+            chunk_size,
+            return_logits,
+            reduction,
+            ctx.needs_input_grad[:2],
         )
-        chunk = chunk_size or _default_chunk_size(weight.shape[0])
-        loss_rows, grad_h, grad_w = _chunked_loss_and_grads(
-            h, weight, y, ignore_index, softcap, chunk, grad_scale, logits_out, *ctx.needs_input_grad[:2]
-        )
-        loss = loss_rows.sum() * grad_scale
-        if grad_h is not None and rows is not None:
-            grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has_grads = (grad_h is not None, grad_w is not None)
         if return_logits:
@@ -194,6 +212,58 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = saved.pop(0) * grad_loss if ctx.has_grads[0] else None
         grad_w = saved.pop(0) * grad_loss if ctx.has_grads[1] else None
         return grad_h, grad_w, None, None, None, None, None, None
+
+
+# The same as custom ops, for torch.compile (vlmtune.kernels.ops). The forward computes the gradients, so it is told
+# which ones (grad_hidden, grad_weight: whether hidden and the weight require grad); the logits output is an empty
+# tensor unless return_logits; backward only scales the stored gradients.
+def _op_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    chunk_size: int | None,
+    return_logits: bool,
+    reduction: str,
+    grad_hidden: bool,
+    grad_weight: bool,
+) -> list[torch.Tensor]:
+    loss, logits, grad_h, grad_w = _loss_and_grads(
+        hidden, weight, labels, ignore_index, softcap, chunk_size, return_logits, reduction, (grad_hidden, grad_weight)
+    )
+    logits = hidden.new_empty(0) if logits is None else logits
+    return [loss, logits, *(t for t in (grad_h, grad_w) if t is not None)]
+
+
+def _op_forward_fake(
+    hidden, weight, labels, ignore_index, softcap, chunk_size, return_logits, reduction, grad_hidden, grad_weight
+):
+    logits = hidden.new_empty((hidden.shape[0], weight.shape[0]) if return_logits else (0,))
+    grads = [torch.empty_like(hidden)] if grad_hidden else []
+    grads += [torch.empty_like(weight)] if grad_weight else []
+    return [hidden.new_empty((), dtype=torch.float32), logits, *grads]
+
+
+def _op_backward(grads: list[torch.Tensor], saved: list[torch.Tensor | None], needs: list[bool]) -> list[torch.Tensor]:
+    # saved holds exactly the gradients the forward computed, which are those asked for now.
+    return [g * grads[0] for g in saved]
+
+
+def _op_backward_fake(grads, saved, needs):
+    return [torch.empty_like(g) for g in saved]
+
+
+FUSED_LINEAR_CE = kernel_op(
+    "fused_linear_cross_entropy",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=2,
+    differentiable=("hidden", "weight"),
+    non_differentiable=(1,),
+)
 
 
 def fused_linear_cross_entropy(
@@ -239,6 +309,20 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if torch.compiler.is_compiling():
+        loss, logits = FUSED_LINEAR_CE.compiled(
+            hidden,
+            lm_head_weight,
+            labels.contiguous(),
+            ignore_index,
+            softcap,
+            chunk_size,
+            return_logits,
+            reduction,
+            hidden.requires_grad,
+            lm_head_weight.requires_grad,
+        )
+        return (loss, logits) if return_logits else loss
     return _FusedLinearCrossEntropy.apply(
         hidden,
         lm_head_weight,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.ops import kernel_op
 
 _BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -167,6 +168,47 @@ class _GatedFunction(torch.autograd.Function):
         return dgate, dup, None
 
 
+# The same launches as custom ops, for torch.compile (vlmtune.kernels.ops).
+def _op_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> list[torch.Tensor]:
+    return [gated_forward(gate.contiguous(), up.contiguous(), activation)]
+
+
+def _op_forward_fake(gate, up, activation):
+    return [gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))]
+
+
+def _op_backward(
+    grads: list[torch.Tensor], saved: list[torch.Tensor | None], needs: list[bool], activation: str
+) -> list[torch.Tensor]:
+    gate, up = saved
+    dgate, dup = gated_backward(grads[0].contiguous(), gate.contiguous(), up.contiguous(), activation)
+    return [g for g, needed in ((dgate, needs[0]), (dup, needs[1])) if needed]
+
+
+def _op_backward_fake(grads, saved, needs, activation):
+    gate, up = saved
+    return [g for g, needed in ((gate.new_empty(gate.shape), needs[0]), (up.new_empty(up.shape), needs[1])) if needed]
+
+
+GATED_MLP = kernel_op(
+    "gated_mlp",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("gate", "up"),
+    backward_params=("activation",),
+    differentiable=("gate", "up"),
+)
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return GATED_MLP.compiled(gate, up, activation)[0]
+    return _GatedFunction.apply(gate, up, activation)
+
+
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
@@ -175,13 +217,13 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (Qwen2 / Llama MLP), any shape; ``gate`` and ``up`` of equal shape."""
     _check(gate, up)
-    return _GatedFunction.apply(gate, up, "silu")
+    return _gated(gate, up, "silu")
 
 
 def geglu_tanh(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``gelu(gate, approximate="tanh") * up`` (Gemma-3's ``gelu_pytorch_tanh`` MLP), any shape."""
     _check(gate, up)
-    return _GatedFunction.apply(gate, up, "gelu_tanh")
+    return _gated(gate, up, "gelu_tanh")
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,14 @@ first, so these are at least as accurate as the reference's.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.ops import kernel_op
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023, appendix E), as bitsandbytes stores them in fp32.
 NF4_LEVELS = (
@@ -60,6 +63,90 @@ _LEVELS: dict[torch.device, torch.Tensor] = {}
 _FP32_OUT: dict[torch.device, bool] = {}
 _HALF = (torch.bfloat16, torch.float16)
 _BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
+# The dtypes an NF4 weight dequantises to, by the code the custom ops carry them as (a schema has no dtype list).
+_NF4_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NF4_DTYPE_CODES = {dtype: code for code, dtype in enumerate(_NF4_DTYPES)}
+
+
+class Nf4(NamedTuple):
+    """What the dequantiser reads of a bitsandbytes NF4 ``QuantState``: tensors and ints a custom op can take.
+
+    Attributes:
+        absmax: one scale per ``blocksize`` values: fp32, or uint8 codes into ``code2`` when double-quantised.
+        absmax2: the fp32 scale per ``blocksize2`` absmax codes (double quantisation), else None.
+        code2: the 256 fp32 levels of the absmax codes, else None.
+        offset: the scalar added to the decoded absmax, else None.
+        blocksize: values per absmax (64).
+        blocksize2: absmax codes per ``absmax2`` value (256), 0 when not double-quantised.
+        shape: the dequantised weight's ``(out_features, in_features)``.
+        dtype: the dequantised weight's dtype.
+    """
+
+    absmax: torch.Tensor
+    absmax2: torch.Tensor | None
+    code2: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    blocksize2: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def nf4_of(quant_state) -> Nf4:
+    """The :class:`Nf4` of a bitsandbytes ``QuantState`` (an :class:`Nf4` is returned as it is).
+
+    Raises:
+        ValueError: for another 4-bit type, or a weight bitsandbytes repacked for its CPU kernel.
+    """
+    if isinstance(quant_state, Nf4):
+        return quant_state
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"only nf4 is supported, got quant_type={quant_state.quant_type!r}")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks weights for its own CPU GEMM on first use; that layout is not the NF4 one.
+        raise ValueError("this NF4 weight was repacked for bitsandbytes' CPU kernel; quantize it afresh")
+    if not quant_state.nested:
+        return Nf4(quant_state.absmax, None, None, None, quant_state.blocksize, 0, quant_state.shape, quant_state.dtype)
+    state2 = quant_state.state2
+    return Nf4(
+        quant_state.absmax,
+        state2.absmax,
+        state2.code,
+        quant_state.offset,
+        quant_state.blocksize,
+        state2.blocksize,
+        quant_state.shape,
+        quant_state.dtype,
+    )
+
+
+def nf4_args(quant_states) -> tuple[list[torch.Tensor | None], list[int]]:
+    """Quant states (None for a dense weight) as a custom op's ``Tensor?[]`` and ``int[]`` arguments."""
+    tensors: list[torch.Tensor | None] = []
+    ints: list[int] = []
+    for quant_state in quant_states:
+        if quant_state is None:
+            tensors += [None] * 4
+            ints += [-1] * 5
+            continue
+        nf4 = nf4_of(quant_state)
+        tensors += [nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset]
+        ints += [nf4.blocksize, nf4.blocksize2, nf4.shape[0], nf4.shape[1], _NF4_DTYPE_CODES[nf4.dtype]]
+    return tensors, ints
+
+
+def nf4_states(tensors: list[torch.Tensor | None], ints: list[int]) -> list[Nf4 | None]:
+    """The inverse of :func:`nf4_args`."""
+    states: list[Nf4 | None] = []
+    for i in range(len(ints) // 5):
+        absmax, absmax2, code2, offset = tensors[4 * i : 4 * i + 4]
+        blocksize, blocksize2, rows, cols, dtype = ints[5 * i : 5 * i + 5]
+        if absmax is None:
+            states.append(None)
+            continue
+        shape = torch.Size((rows, cols))
+        states.append(Nf4(absmax, absmax2, code2, offset, blocksize, blocksize2, shape, _NF4_DTYPES[dtype]))
+    return states
 
 
 @fast_launch
@@ -118,23 +205,18 @@ def _levels(device: torch.device) -> torch.Tensor:
 
 
 def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"only nf4 is supported, got quant_type={quant_state.quant_type!r}")
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks weights for its own CPU GEMM on first use; that layout is not the NF4 one.
-        raise ValueError("this NF4 weight was repacked for bitsandbytes' CPU kernel; quantize it afresh")
+    nf4 = nf4_of(quant_state)
     packed = packed.reshape(-1)
     if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype; the bytes are the same
         packed = packed.view(torch.uint8)
     n_bytes = packed.numel()
-    nested = bool(quant_state.nested)
-    absmax = quant_state.absmax
-    state2 = quant_state.state2 if nested else None
+    nested = nf4.absmax2 is not None
+    absmax = nf4.absmax
     # Unused pointers when not nested: any valid float tensor will do.
-    absmax2 = state2.absmax if nested else absmax
-    code2 = state2.code if nested else absmax
-    offset = quant_state.offset if nested else absmax
-    half = quant_state.blocksize // 2
+    absmax2 = nf4.absmax2 if nested else absmax
+    code2 = nf4.code2 if nested else absmax
+    offset = nf4.offset if nested else absmax
+    half = nf4.blocksize // 2
     rows = max(1, _TILE_BYTES // half)
     # The 32-bit stores need an even count and a 4-byte aligned start (the flat view of `out` as int32).
     words = (
@@ -150,7 +232,7 @@ def _dequantize_into(packed: torch.Tensor, quant_state, out: torch.Tensor) -> to
         out.reshape(-1).view(torch.int32) if words else out,
         n_bytes,
         out.numel(),
-        state2.blocksize if nested else 1,
+        nf4.blocksize2 if nested else 1,
         NESTED=nested,
         HALF=half,
         ROWS=rows,
@@ -229,15 +311,42 @@ def lora_factor_grad(like: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     return torch.addmm(like, left, right, beta=0, alpha=scale).to(dtype)
 
 
+def _forward_rows(x2d, weight, quant_state, bias, a, b, scale):
+    """``(y, x @ A^T)`` for ``(N, in)`` rows; ``a`` and ``b`` already in the rows' dtype."""
+    w = frozen_weight(weight, quant_state, x2d.dtype)
+    y = x2d @ w.t() if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, w.t())
+    xa = x2d @ a.t()
+    y.addmm_(xa, b.t(), alpha=scale)
+    return y, xa
+
+
+def _backward_rows(dy2d, x2d, weight, quant_state, a, b, xa, scale, needs, dtypes):
+    """``(dx, dbias, dA, dB)`` for the ``needs`` flags of ``(x, bias, A, B)``; None where not needed."""
+    needs_x, needs_bias, needs_a, needs_b = needs
+    a_dtype, b_dtype, bias_dtype = dtypes
+    dx = da = db = dbias = None
+    # The LoRA scale rides in the GEMMs' alpha (addmm with beta=0 ignores its first argument, which only
+    # gives the shape): no separate pass, and no extra launch on a host-bound step.
+    if needs_x or needs_a:
+        dy_b = dy2d @ b  # (N, r)
+        if needs_a:
+            da = lora_factor_grad(a, dy_b.t(), x2d, scale, a_dtype)
+        if needs_x:
+            w = frozen_weight(weight, quant_state, dy2d.dtype)
+            dx = (dy2d @ w).addmm_(dy_b, a, alpha=scale)
+    if needs_b:
+        db = lora_factor_grad(b, dy2d.t(), xa, scale, b_dtype)
+    if needs_bias:
+        dbias = dy2d.sum(0).to(bias_dtype)
+    return dx, dbias, da, db
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale):
         x2d = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        w = frozen_weight(weight, quant_state, x.dtype)
-        y = x2d @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2d, w.t())
-        xa = x2d @ a.t()
-        y.addmm_(xa, b.t(), alpha=scale)
+        y, xa = _forward_rows(x2d, weight, quant_state, bias, a, b, scale)
         ctx.save_for_backward(x2d, weight, a, b, xa)
         ctx.quant_state, ctx.scale = quant_state, scale
         ctx.dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
@@ -248,25 +357,90 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, a, b, xa = ctx.saved_tensors
         needs_x, _, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
-        scale = ctx.scale
-        a_dtype, b_dtype, bias_dtype = ctx.dtypes
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        dx = da = db = dbias = None
-        # The LoRA scale rides in the GEMMs' alpha (addmm with beta=0 ignores its first argument, which only
-        # gives the shape): no separate pass, and no extra launch on a host-bound step.
-        if needs_x or needs_a:
-            dy_b = dy2d @ b  # (N, r)
-            if needs_a:
-                da = lora_factor_grad(a, dy_b.t(), x2d, scale, a_dtype)
-            if needs_x:
-                w = frozen_weight(weight, ctx.quant_state, dy2d.dtype)
-                dx = (dy2d @ w).addmm_(dy_b, a, alpha=scale)
-                dx = dx.reshape(ctx.x_shape)
-        if needs_b:
-            db = lora_factor_grad(b, dy2d.t(), xa, scale, b_dtype)
-        if needs_bias:
-            dbias = dy2d.sum(0).to(bias_dtype)
-        return dx, None, None, dbias, da, db, None
+        dx, dbias, da, db = _backward_rows(
+            dy.reshape(-1, dy.shape[-1]),
+            x2d,
+            weight,
+            ctx.quant_state,
+            a,
+            b,
+            xa,
+            ctx.scale,
+            (needs_x, needs_bias, needs_a, needs_b),
+            ctx.dtypes,
+        )
+        return None if dx is None else dx.reshape(ctx.x_shape), None, None, dbias, da, db, None
+
+
+# The same arithmetic as custom ops, for torch.compile (vlmtune.kernels.ops): the QuantState as tensors and
+# ints (nf4_args), the LoRA factors cast again in backward rather than kept twice.
+def _op_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+) -> list[torch.Tensor]:
+    x2d = x.reshape(-1, x.shape[-1])
+    (quant_state,) = nf4_states(nf4_tensors, nf4_ints)
+    y, xa = _forward_rows(x2d, weight, quant_state, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scale)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]), xa]
+
+
+def _op_forward_fake(x, weight, bias, lora_a, lora_b, scale, nf4_tensors, nf4_ints):
+    out_features = weight.shape[0] if nf4_tensors[0] is None else nf4_ints[2]
+    rows = x.shape[:-1].numel()
+    return [x.new_empty((*x.shape[:-1], out_features)), x.new_empty((rows, lora_a.shape[0]))]
+
+
+def _op_backward(
+    grads: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    needs: list[bool],
+    scale: float,
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+) -> list[torch.Tensor]:
+    x, weight, lora_a, lora_b, bias, xa = saved
+    (quant_state,) = nf4_states(nf4_tensors, nf4_ints)
+    dy = grads[0]
+    grads = _backward_rows(
+        dy.reshape(-1, dy.shape[-1]),
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        quant_state,
+        lora_a.to(x.dtype),
+        lora_b.to(x.dtype),
+        xa,
+        scale,
+        needs,
+        (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype),
+    )
+    dx = grads[0]
+    return [g for g in (None if dx is None else dx.reshape(x.shape), *grads[1:]) if g is not None]
+
+
+def _op_backward_fake(grads, saved, needs, scale, nf4_tensors, nf4_ints):
+    x, _, lora_a, lora_b, bias, _ = saved
+    like = (x.new_empty(x.shape), None if bias is None else torch.empty_like(bias))
+    like += (lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape))
+    return [g for g, needed in zip(like, needs, strict=True) if needed]
+
+
+LORA_LINEAR = kernel_op(
+    "lora_linear",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("x", "weight", "lora_a", "lora_b", "bias"),
+    backward_params=("scale", "nf4_tensors", "nf4_ints"),
+    differentiable=("x", "bias", "lora_a", "lora_b"),
+)
 
 
 def lora_linear(
@@ -301,6 +475,9 @@ def lora_linear(
             f"LoRA shapes A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} do not fit x {tuple(x.shape)} "
             f"and a base weight with {out_features} outputs"
         )
+    if torch.compiler.is_compiling():
+        nf4_tensors, nf4_ints = nf4_args([quant_state])
+        return LORA_LINEAR.compiled(x, base_weight, bias, lora_A, lora_B, float(scale), nf4_tensors, nf4_ints)[0]
     return _LoraLinearFunction.apply(x, base_weight, quant_state, bias, lora_A, lora_B, float(scale))
 
 

@@ -28,7 +28,14 @@ from typing import NamedTuple
 import torch
 
 from vlmtune.kernels.gated_mlp import gated_backward, gated_forward
-from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference
+from vlmtune.kernels.lora_linear import (
+    frozen_weight,
+    lora_factor_grad,
+    lora_linear_reference,
+    nf4_args,
+    nf4_states,
+)
+from vlmtune.kernels.ops import kernel_op
 
 _REFERENCE_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -74,6 +81,54 @@ def _forward(x2d, bases, loras, scales, activation):
     return out, (gate, up, xa_g, xa_u, xa_d)
 
 
+def _backward_rows(dout, x2d, saved, loras, bases, scales, activation, needs, lora_dtypes):
+    """``[dx, dA_gate, dB_gate, dA_up, dB_up, dA_down, dB_down]`` (None where ``needs`` is False) for ``(N, hidden)``
+    rows; ``saved`` is the forward's ``(gate, up, xa_g, xa_u, xa_d)``, ``loras`` the factors in ``dout``'s dtype."""
+    gate, up, xa_g, xa_u, xa_d = saved
+    ag, bg, au, bu, ad, bd = loras
+    (wg, qg), (wu, qu), (wd, qd) = bases
+    sg, su, sd = scales
+    needs_x, needs = needs[0], needs[1:7]  # x, then A and B of gate, up, down
+    dtype = dout.dtype
+
+    def lora_grad(i, like, left, right, scale):
+        # The scale rides in the GEMM's alpha; `like` only gives the shape.
+        return lora_factor_grad(like, left, right, scale, lora_dtypes[i]) if needs[i] else None
+
+    # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its A's gradient needs h = act(gate) * up, which the
+    # activation's backward recomputes below instead of the forward keeping it.
+    dh = dout @ frozen_weight(wd, qd, dtype)
+    dyb_d = None if bd is None else dout @ bd
+    if ad is not None:
+        dh.addmm_(dyb_d, ad, alpha=sd)
+    h = torch.empty_like(gate) if needs[4] else None
+    dgate, dup = gated_backward(dh, gate, up, activation, dgate=dh, y=h)
+    # needs[i] implies that LoRA matrix (and its partner) exists: None inputs never ask for a gradient.
+    grads = [None] * 4 + [
+        lora_grad(4, ad, dyb_d.t() if needs[4] else None, h, sd),
+        lora_grad(5, bd, dout.t(), xa_d, sd),
+    ]
+    del h
+    # gate and up: both base GEMMs and both LoRA terms accumulate into one dx.
+    dyb_g = None if bg is None else dgate @ bg
+    dyb_u = None if bu is None else dup @ bu
+    grads[:4] = [
+        lora_grad(0, ag, dyb_g.t() if needs[0] else None, x2d, sg),
+        lora_grad(1, bg, dgate.t(), xa_g, sg),
+        lora_grad(2, au, dyb_u.t() if needs[2] else None, x2d, su),
+        lora_grad(3, bu, dup.t(), xa_u, su),
+    ]
+    dx = None
+    if needs_x:
+        dx = dgate @ frozen_weight(wg, qg, dtype)
+        dx.addmm_(dup, frozen_weight(wu, qu, dtype))
+        if ag is not None:
+            dx.addmm_(dyb_g, ag, alpha=sg)
+        if au is not None:
+            dx.addmm_(dyb_u, au, alpha=su)
+    return [dx, *grads]
+
+
 class _LoraGatedMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, activation):
@@ -88,50 +143,107 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x2d, gate, up, xa_g, xa_u, xa_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
-        (wg, qg), (wu, qu), (wd, qd) = ctx.bases
-        sg, su, sd = ctx.scales
-        needs = ctx.needs_input_grad[1:7]  # A and B of gate, up, down
+        x2d, *saved = ctx.saved_tensors
         dout = dout.reshape(-1, dout.shape[-1])
-        dtype = dout.dtype
+        grads = _backward_rows(
+            dout,
+            x2d,
+            saved[:5],
+            saved[5:],
+            ctx.bases,
+            ctx.scales,
+            ctx.activation,
+            ctx.needs_input_grad[:7],
+            ctx.lora_dtypes,
+        )
+        dx = grads[0]
+        return None if dx is None else dx.reshape(ctx.x_shape), *grads[1:], None, None, None
 
-        def lora_grad(i, like, left, right, scale):
-            # The scale rides in the GEMM's alpha; `like` only gives the shape.
-            return lora_factor_grad(like, left, right, scale, ctx.lora_dtypes[i]) if needs[i] else None
 
-        # down: dh = dout @ Wd + s (dout @ Bd) @ Ad. Its A's gradient needs h = act(gate) * up, which the
-        # activation's backward recomputes below instead of the forward keeping it.
-        dh = dout @ frozen_weight(wd, qd, dtype)
-        dyb_d = None if bd is None else dout @ bd
-        if ad is not None:
-            dh.addmm_(dyb_d, ad, alpha=sd)
-        h = torch.empty_like(gate) if needs[4] else None
-        dgate, dup = gated_backward(dh, gate, up, ctx.activation, dgate=dh, y=h)
-        # needs[i] implies that LoRA matrix (and its partner) exists: None inputs never ask for a gradient.
-        grads = [None] * 4 + [
-            lora_grad(4, ad, dyb_d.t() if needs[4] else None, h, sd),
-            lora_grad(5, bd, dout.t(), xa_d, sd),
-        ]
-        del h
-        # gate and up: both base GEMMs and both LoRA terms accumulate into one dx.
-        dyb_g = None if bg is None else dgate @ bg
-        dyb_u = None if bu is None else dup @ bu
-        grads[:4] = [
-            lora_grad(0, ag, dyb_g.t() if needs[0] else None, x2d, sg),
-            lora_grad(1, bg, dgate.t(), xa_g, sg),
-            lora_grad(2, au, dyb_u.t() if needs[2] else None, x2d, su),
-            lora_grad(3, bu, dup.t(), xa_u, su),
-        ]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dgate @ frozen_weight(wg, qg, dtype)
-            dx.addmm_(dup, frozen_weight(wu, qu, dtype))
-            if ag is not None:
-                dx.addmm_(dyb_g, ag, alpha=sg)
-            if au is not None:
-                dx.addmm_(dyb_u, au, alpha=su)
-            dx = dx.reshape(ctx.x_shape)
-        return dx, *grads, None, None, None
+# The same arithmetic as custom ops, for torch.compile (vlmtune.kernels.ops). The projections come apart into the
+# LoRA factors (the differentiable inputs), the base weights, their quant states as tensors and ints
+# (vlmtune.kernels.lora_linear.nf4_args) and the scales; the factors are cast again in backward.
+def _op_bases(weights, nf4_tensors, nf4_ints):
+    return tuple(zip(weights, nf4_states(nf4_tensors, nf4_ints), strict=True))
+
+
+def _op_forward(
+    x: torch.Tensor,
+    ag: torch.Tensor | None,
+    bg: torch.Tensor | None,
+    au: torch.Tensor | None,
+    bu: torch.Tensor | None,
+    ad: torch.Tensor | None,
+    bd: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+    scales: list[float],
+    activation: str,
+) -> list[torch.Tensor]:
+    x2d = x.reshape(-1, x.shape[-1])
+    loras = [None if t is None else t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
+    out, saved = _forward(x2d, _op_bases(weights, nf4_tensors, nf4_ints), loras, scales, activation)
+    # Residuals: gate and up, then x @ A^T of each projection that has LoRA.
+    return [out.reshape(*x.shape[:-1], out.shape[-1]), *(t for t in saved if t is not None)]
+
+
+def _op_forward_fake(x, ag, bg, au, bu, ad, bd, weights, nf4_tensors, nf4_ints, scales, activation):
+    out_features = [w.shape[0] if nf4_tensors[4 * i] is None else nf4_ints[5 * i + 2] for i, w in enumerate(weights)]
+    rows = x.shape[:-1].numel()
+    out = x.new_empty((*x.shape[:-1], out_features[2]))
+    inter = [x.new_empty((rows, out_features[0])), x.new_empty((rows, out_features[1]))]
+    return [out, *inter, *(x.new_empty((rows, a.shape[0])) for a in (ag, au, ad) if a is not None)]
+
+
+def _op_backward(
+    grads: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    needs: list[bool],
+    weights: list[torch.Tensor],
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+    scales: list[float],
+    activation: str,
+) -> list[torch.Tensor]:
+    x, *factors = saved[:7]
+    gate, up, *xas = saved[7:]
+    xas = iter(xas)
+    xa = [None if a is None else next(xas) for a in factors[0::2]]
+    dout = grads[0].reshape(-1, grads[0].shape[-1])
+    loras = [None if t is None else t.to(x.dtype) for t in factors]
+    result = _backward_rows(
+        dout,
+        x.reshape(-1, x.shape[-1]),
+        (gate, up, *xa),
+        loras,
+        _op_bases(weights, nf4_tensors, nf4_ints),
+        scales,
+        activation,
+        needs,
+        [None if t is None else t.dtype for t in factors],
+    )
+    dx = result[0]
+    return [g for g in (None if dx is None else dx.reshape(x.shape), *result[1:]) if g is not None]
+
+
+def _op_backward_fake(grads, saved, needs, weights, nf4_tensors, nf4_ints, scales, activation):
+    x, *factors = saved[:7]
+    like = [x.new_empty(x.shape)] + [None if t is None else t.new_empty(t.shape) for t in factors]
+    return [g for g, needed in zip(like, needs, strict=True) if needed]
+
+
+LORA_GATED_MLP = kernel_op(
+    "lora_gated_mlp",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("x", "ag", "bg", "au", "bu", "ad", "bd"),
+    backward_params=("weights", "nf4_tensors", "nf4_ints", "scales", "activation"),
+    differentiable=("x", "ag", "bg", "au", "bu", "ad", "bd"),
+)
 
 
 def _check(x: torch.Tensor, gate: LoraProjection, up: LoraProjection, down: LoraProjection) -> None:
@@ -182,6 +294,10 @@ def lora_gated_mlp(
     bases = ((gate.weight, gate.quant_state), (up.weight, up.quant_state), (down.weight, down.quant_state))
     scales = (float(gate.scale), float(up.scale), float(down.scale))
     loras = (gate.lora_A, gate.lora_B, up.lora_A, up.lora_B, down.lora_A, down.lora_B)
+    if torch.compiler.is_compiling():
+        nf4_tensors, nf4_ints = nf4_args([gate.quant_state, up.quant_state, down.quant_state])
+        weights = [gate.weight, up.weight, down.weight]
+        return LORA_GATED_MLP.compiled(x, *loras, weights, nf4_tensors, nf4_ints, list(scales), activation)[0]
     return _LoraGatedMlpFunction.apply(x, *loras, bases, scales, activation)
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.ops import kernel_op
 
 _CASTINGS = ("llama", "gemma")
 
@@ -116,74 +117,122 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _forward_rows(x2d, weight, eps, offset, gemma):
+    """``(y, rstd)`` of ``(N, H)`` rows with a unit last stride."""
+    n_rows, n_cols = x2d.shape
+    out_dtype = x2d.dtype if gemma else torch.promote_types(x2d.dtype, weight.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+    block = triton.next_power_of_2(n_cols)
+    if n_rows > 0:
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x2d,
+            weight,
+            y,
+            rstd,
+            x2d.stride(0),
+            y.stride(0),
+            n_cols,
+            eps,
+            offset,
+            GEMMA_CASTING=gemma,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
+    return y, rstd
+
+
+def _backward_rows(dy, x2d, weight, rstd, offset, gemma, compute_dw):
+    """``(dx, dw)`` (``dw`` None unless ``compute_dw``) for ``(N, H)`` rows."""
+    n_rows, n_cols = x2d.shape
+    dy2d = _as_rows(dy)
+    dx = torch.empty_like(x2d)
+    n_programs = _num_programs(n_rows, x2d.device)
+    dw_partial = torch.empty((n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device)
+    block = triton.next_power_of_2(n_cols)
+    if n_rows > 0:
+        _rms_norm_bwd_kernel[(n_programs,)](
+            dy2d,
+            x2d,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            dy2d.stride(0),
+            x2d.stride(0),
+            dx.stride(0),
+            n_rows,
+            n_cols,
+            triton.cdiv(n_rows, n_programs),
+            offset,
+            GEMMA_CASTING=gemma,
+            COMPUTE_DW=compute_dw,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
+    dw = None
+    if compute_dw:
+        dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+    return dx, dw
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, casting):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        n_rows, n_cols = x2d.shape
-        gemma = casting == "gemma"
-        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n_cols)
-        if n_rows > 0:
-            _rms_norm_fwd_kernel[(n_rows,)](
-                x2d,
-                weight,
-                y,
-                rstd,
-                x2d.stride(0),
-                y.stride(0),
-                n_cols,
-                eps,
-                offset,
-                GEMMA_CASTING=gemma,
-                BLOCK=block,
-                num_warps=_num_warps(block),
-            )
+    def forward(ctx, x, weight, eps, offset, gemma):
+        x2d = _as_rows(x)
+        y, rstd = _forward_rows(x2d, weight, eps, offset, gemma)
         ctx.save_for_backward(x2d, weight, rstd)
-        ctx.offset, ctx.gemma, ctx.shape = offset, gemma, shape
-        return y.reshape(*shape[:-1], n_cols)
+        ctx.offset, ctx.gemma, ctx.shape = offset, gemma, x.shape
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2d.shape
-        dy2d = dy.reshape(-1, n_cols)
-        if dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        compute_dw = ctx.needs_input_grad[1]
-        dx = torch.empty_like(x2d)
-        n_programs = _num_programs(n_rows, x2d.device)
-        dw_partial = torch.empty((n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device)
-        block = triton.next_power_of_2(n_cols)
-        if n_rows > 0:
-            _rms_norm_bwd_kernel[(n_programs,)](
-                dy2d,
-                x2d,
-                weight,
-                rstd,
-                dx,
-                dw_partial,
-                dy2d.stride(0),
-                x2d.stride(0),
-                dx.stride(0),
-                n_rows,
-                n_cols,
-                triton.cdiv(n_rows, n_programs),
-                ctx.offset,
-                GEMMA_CASTING=ctx.gemma,
-                COMPUTE_DW=compute_dw,
-                BLOCK=block,
-                num_warps=_num_warps(block),
-            )
-        dw = None
-        if compute_dw:
-            dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+        dx, dw = _backward_rows(dy, x2d, weight, rstd, ctx.offset, ctx.gemma, ctx.needs_input_grad[1])
         return dx.reshape(ctx.shape), dw, None, None, None
+
+
+# The same launches as custom ops, for torch.compile (vlmtune.kernels.ops).
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, gemma: bool) -> list[torch.Tensor]:
+    y, rstd = _forward_rows(_as_rows(x), weight, eps, offset, gemma)
+    return [y.reshape(x.shape), rstd]
+
+
+def _op_forward_fake(x, weight, eps, offset, gemma):
+    dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    return [x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)]
+
+
+def _op_backward(
+    grads: list[torch.Tensor], saved: list[torch.Tensor | None], needs: list[bool], offset: float, gemma: bool
+) -> list[torch.Tensor]:
+    x, weight, rstd = saved
+    dx, dw = _backward_rows(grads[0], _as_rows(x), weight, rstd, offset, gemma, needs[1])
+    # dx is computed either way (the kernel writes it); it is returned only when asked for.
+    return [g for g, needed in ((dx.reshape(x.shape), needs[0]), (dw, needs[1])) if needed]
+
+
+def _op_backward_fake(grads, saved, needs, offset, gemma):
+    x, weight, _ = saved
+    return [g for g, needed in ((x.new_empty(x.shape), needs[0]), (torch.empty_like(weight), needs[1])) if needed]
+
+
+RMS_NORM = kernel_op(
+    "rms_norm",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("x", "weight"),
+    backward_params=("offset", "gemma"),
+    differentiable=("x", "weight"),
+)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, casting: str) -> None:
@@ -214,7 +263,9 @@ def rms_norm(
         ``"llama"`` (what ``weight * x_hat.to(x.dtype)`` gives in Hugging Face).
     """
     _check(x, weight, casting)
-    return _RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
+    if torch.compiler.is_compiling():
+        return RMS_NORM.compiled(x, weight, float(eps), float(offset), casting == "gemma")[0]
+    return _RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")
 
 
 def rms_norm_reference(

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.ops import kernel_op
 
 
 @triton.jit
@@ -188,15 +189,22 @@ def _launch(q, k, q_out, k_out, cos, sin, sections, backward):
     )
 
 
+def _rotate(q, k, cos, sin, sections, backward, q_dtype=None, k_dtype=None):
+    """Rotated ``(q, k)`` in new tensors with their strides (by ``-sin`` for ``backward``), in ``q_dtype`` /
+    ``k_dtype`` or the promotion with ``cos``'s dtype."""
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    # empty_like keeps q's strides, so the (B, T, H, D) -> (B, H, T, D) transposed views that attention
+    # makes stay views on the way out.
+    q_out = torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype) if q_dtype is None else q_dtype)
+    k_out = torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype) if k_dtype is None else k_dtype)
+    _launch(q, k, q_out, k_out, cos, sin, sections, backward=backward)
+    return q_out, k_out
+
+
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, sections):
-        q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-        # empty_like keeps q's strides, so the (B, T, H, D) -> (B, H, T, D) transposed views that attention
-        # makes stay views on the way out.
-        q_out = torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype))
-        k_out = torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype))
-        _launch(q, k, q_out, k_out, cos, sin, sections, backward=False)
+        q_out, k_out = _rotate(q, k, cos, sin, sections, backward=False)
         ctx.save_for_backward(cos, sin)
         ctx.sections = sections
         ctx.in_dtypes = (q.dtype, k.dtype)
@@ -212,11 +220,70 @@ class _RopeFunction(torch.autograd.Function):
             dq_out = torch.zeros(q_shape, dtype=q_dtype, device=cos.device)
         if dk_out is None:
             dk_out = torch.zeros(k_shape, dtype=k_dtype, device=cos.device)
-        dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
-        dq = torch.empty_like(dq_out, dtype=ctx.in_dtypes[0])
-        dk = torch.empty_like(dk_out, dtype=ctx.in_dtypes[1])
-        _launch(dq_out, dk_out, dq, dk, cos, sin, ctx.sections, backward=True)
+        dq, dk = _rotate(dq_out, dk_out, cos, sin, ctx.sections, True, *ctx.in_dtypes)
         return dq, dk, None, None, None
+
+
+# The same launches as custom ops, for torch.compile (vlmtune.kernels.ops). The input dtypes come as arguments so
+# that backward need not keep q and k alive to learn them.
+def _op_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    section_1: int,
+    section_2: int,
+    q_dtype: torch.dtype,
+    k_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    return list(_rotate(q, k, cos, sin, (section_1, section_2), backward=False))
+
+
+def _op_forward_fake(q, k, cos, sin, section_1, section_2, q_dtype, k_dtype):
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    return [
+        torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype)),
+        torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype)),
+    ]
+
+
+def _op_backward(
+    grads: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    needs: list[bool],
+    section_1: int,
+    section_2: int,
+    q_dtype: torch.dtype,
+    k_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    cos, sin = saved
+    dq, dk = _rotate(grads[0], grads[1], cos, sin, (section_1, section_2), True, q_dtype, k_dtype)
+    return [g for g, needed in ((dq, needs[0]), (dk, needs[1])) if needed]
+
+
+def _op_backward_fake(grads, saved, needs, section_1, section_2, q_dtype, k_dtype):
+    dq = torch.empty_like(_last_dim_contiguous(grads[0]), dtype=q_dtype)
+    dk = torch.empty_like(_last_dim_contiguous(grads[1]), dtype=k_dtype)
+    return [g for g, needed in ((dq, needs[0]), (dk, needs[1])) if needed]
+
+
+ROPE = kernel_op(
+    "rope",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=2,
+    save_inputs=("cos", "sin"),
+    backward_params=("section_1", "section_2", "q_dtype", "k_dtype"),
+    differentiable=("q", "k"),
+)
+
+
+def _rope(q, k, cos, sin, sections):
+    if torch.compiler.is_compiling():
+        return tuple(ROPE.compiled(q, k, cos, sin, sections[0], sections[1], q.dtype, k.dtype))
+    return _RopeFunction.apply(q, k, cos, sin, sections)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -253,7 +320,7 @@ def apply_rope(
     _check_qk(q, k)
     cos = _broadcast_cos(cos, q, "cos").unsqueeze(0)
     sin = _broadcast_cos(sin, q, "sin").unsqueeze(0)
-    return _RopeFunction.apply(q, k, cos, sin, (0, 0))
+    return _rope(q, k, cos, sin, (0, 0))
 
 
 def _check_sections(mrope_section: Sequence[int], head_dim: int) -> tuple[int, int]:
@@ -294,7 +361,7 @@ def apply_mrope(
         raise ValueError(f"cos {tuple(cos.shape)} does not match q {tuple(q.shape)}")
     cos = _last_dim_contiguous(cos).expand(3, batch, seq_len, head_dim)
     sin = _last_dim_contiguous(sin).expand(3, batch, seq_len, head_dim)
-    return _RopeFunction.apply(q, k, cos, sin, sections)
+    return _rope(q, k, cos, sin, sections)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

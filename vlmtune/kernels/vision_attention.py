@@ -33,11 +33,15 @@ every step, so cuDNN builds its plan once; the language tower, whose lengths cha
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vlmtune.kernels.ops import kernel_op
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
@@ -105,6 +109,10 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Bidirectional attention within each sequence of ``cu_seqlens``.
 
+    Under ``torch.compile`` it is one custom op (the sequence plan reads ``cu_seqlens`` on the host, which a graph
+    cannot), whose backward recomputes the attention: one more attention forward per block in backward, the price
+    of keeping the op opaque to the compiler.
+
     Args:
         query, key, value: ``(T, heads, head_dim)``, the sequences one after another.
         cu_seqlens: ``(N + 1,)`` integer boundaries, from 0 to ``T`` (empty sequences allowed).
@@ -112,6 +120,12 @@ def varlen_attention(
     Returns:
         ``(T, heads, head_dim)`` in the dtype of ``query``; scale ``head_dim ** -0.5``.
     """
+    if torch.compiler.is_compiling():
+        return VARLEN_ATTENTION.compiled(query, key, value, cu_seqlens)[0]
+    return _varlen_attention(query, key, value, cu_seqlens)
+
+
+def _varlen_attention(query, key, value, cu_seqlens):
     plan = plan_sequences(cu_seqlens)
     if plan.total != query.shape[0]:
         raise ValueError(f"cu_seqlens covers {plan.total} tokens, the query has {query.shape[0]}")
@@ -119,6 +133,54 @@ def varlen_attention(
         cu = cu_seqlens.to(torch.int32)
         return _torch_varlen_attn(query, key, value, cu, cu, plan.max_len, plan.max_len)
     return _grouped_sdpa(query, key, value, plan)
+
+
+def _op_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor
+) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [_varlen_attention(query, key, value, cu_seqlens).contiguous()]
+
+
+def _op_forward_fake(query, key, value, cu_seqlens):
+    return [query.new_empty(query.shape)]
+
+
+def _op_backward(grads: list[torch.Tensor], saved: list[torch.Tensor | None], needs: list[bool]) -> list[torch.Tensor]:
+    query, key, value, cu_seqlens = saved
+    with _autograd_inside_op(), torch.enable_grad():
+        inputs = [t.detach().requires_grad_(n) for t, n in zip((query, key, value), needs, strict=True)]
+        out = _varlen_attention(*inputs, cu_seqlens)
+        wanted = [t for t in inputs if t.requires_grad]
+        return [g.contiguous() for g in torch.autograd.grad(out, wanted, grads[0])]
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
+    excluded: the recomputing backward needs it. torch has no public switch for this (read in 2.10 and 2.14); these
+    are the thread-local guards torch's own functorch uses."""
+    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther)
+    with contextlib.ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+        yield
+
+
+def _op_backward_fake(grads, saved, needs):
+    return [t.new_empty(t.shape) for t, n in zip(saved[:3], needs, strict=True) if n]
+
+
+VARLEN_ATTENTION = kernel_op(
+    "varlen_attention",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("query", "key", "value", "cu_seqlens"),
+    differentiable=("query", "key", "value"),
+)
 
 
 def _use_torch_varlen(query: torch.Tensor) -> bool:
