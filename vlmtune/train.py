@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from vlmtune.data.collator import Collator, PreparedDataset
+from vlmtune.distributed import fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
 from vlmtune.families import Family
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
 from vlmtune.tuning import TuningConfig, param_groups, tuning_of
@@ -83,6 +84,10 @@ class TrainConfig:
         trainer_args: further ``transformers.TrainingArguments`` fields, passed through as they are (e.g.
             ``{"lr_scheduler_kwargs": {...}, "torch_compile": True}``); one that TrainConfig sets itself is refused,
             naming the field to set instead.
+        distributed: data parallelism under ``torchrun`` / ``accelerate launch``: ``"auto"`` (DDP when launched
+            with several processes), ``"ddp"`` or ``"fsdp"`` (FSDP2: each layer of both towers sharded over the
+            processes; see :mod:`vlmtune.distributed`). Under a launcher ``batch_size`` is the global micro-batch,
+            split evenly over the processes, so one step sees the same rows as in one process.
     """
 
     output_dir: str = "out"
@@ -120,6 +125,7 @@ class TrainConfig:
     report: bool = True
     report_latex: bool = False
     trainer_args: dict[str, Any] = field(default_factory=dict)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -146,6 +152,7 @@ class TrainConfig:
         check_best_metric(self.best_metric, self.eval_steps, self.save_steps, self.eval_samples)
         if self.trainer_args:
             check_trainer_args(self)
+        resolve_mode(self.distributed, 1)
 
 
 @dataclass
@@ -377,11 +384,16 @@ def train(
         config = dataclasses.replace(config, batch_size=1)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning), eval_dataset is not None)
+    mode, per_device = resolve_mode(config.distributed, launched_world_size()), per_device_batch(config)
+    find_unused = mode == "ddp" and find_unused_parameters(model, family, tuning)
+    args = _training_arguments(per_device, dtype, find_unused, eval_dataset is not None)
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
     checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
-    kernels = KernelSwitch(model, family, enabled=use_kernels(config, model))
-    trainer = CheckpointTrainer(
+    trainer_class, sharding, kernels_ok = CheckpointTrainer, {}, True
+    if mode == "fsdp":  # shards the model in place (vlmtune.distributed.fsdp)
+        trainer_class, sharding, kernels_ok = fsdp_trainer(model, family, processor, tuning, config)
+    kernels = KernelSwitch(model, family, enabled=use_kernels(config, model) and kernels_ok)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -391,6 +403,7 @@ def train(
         optimizers=(make_optimizer(model, family, tuning, config), None),
         fingerprint=fingerprint,
         save_total_limit=config.save_total_limit,
+        **sharding,
     )
     summary = run_summary(model, family, tuning, config, prepared, eval_prepared, kernels.patch is not None)
     watch = attach(trainer, processor, summary, config, eval_prepared, kernels)

@@ -132,6 +132,9 @@ class Family:
             concatenate. ``None``: the family does not support packing.
         tiny: the builders of the family's tiny random checkpoints, one per ``model_type``
             (``(out_folder) -> None``; see :mod:`vlmtune.tiny`).
+        layers: per tower, the pattern of one layer's module name (``model.language_model.layers.(\\d+)``): the
+            units FSDP2 shards one at a time (:mod:`vlmtune.distributed.fsdp`). Empty: the family trains with DDP
+            only.
     """
 
     name: str
@@ -153,6 +156,7 @@ class Family:
     load_processor: Callable[..., Any] | None = None
     pack: Callable[..., dict[str, Any]] | None = None
     tiny: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
+    layers: Mapping[str, str] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""

@@ -111,4 +111,5 @@ GEMMA3 = Family(
     },
     pack=pack_row,
     tiny={"gemma3": build_gemma3},
+    layers={"vision": _VISION, "language": _LANGUAGE},
 )

@@ -153,6 +153,7 @@ QWEN2_5_VL = Family(
     image_options={"min_pixels": None, "max_pixels": None},
     pack=pack_row,
     tiny={"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl},
+    layers={"vision": _VISION, "language": _LANGUAGE},
 )
 
 # Qwen3-VL is Qwen2.5-VL's descriptor with its own names (the data and image path are the same).
