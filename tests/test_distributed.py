@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vlmtune
-from vlmtune.distributed import per_device_batch
+from vlmtune.distributed import per_device_batch, resolve_mode
 from vlmtune.distributed.fsdp import check_shardable
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -155,3 +155,11 @@ def test_fsdp_refuses_int8_and_packed_uint8_4bit_weights(tiny_qwen):
 def test_an_unknown_distributed_mode_is_refused():
     with pytest.raises(ValueError, match=r"distributed must be one of \('auto', 'ddp', 'fsdp'\)"):
         vlmtune.TrainConfig(distributed="zero3")
+
+
+def test_an_accelerate_fsdp_config_selects_vlmtunes_fsdp2(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_mode("auto", 2) == "fsdp"
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # accelerate stays the launcher, its plugin off
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert (resolve_mode("auto", 2), resolve_mode("auto", 1), resolve_mode("fsdp", 1)) == ("ddp", "none", "fsdp")

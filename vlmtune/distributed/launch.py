@@ -43,14 +43,20 @@ def is_main() -> bool:
 def resolve_mode(requested: str, world_size: int) -> str:
     """The data-parallel mode of a run: ``"none"`` (one process), ``"ddp"`` or ``"fsdp"``.
 
-    ``"auto"`` is DDP under a launcher of several processes. FSDP2 asked for in a single process still shards (over
-    a world of one), so a recipe behaves the same at every size.
+    ``"auto"`` is DDP under a launcher of several processes, FSDP2 under ``accelerate launch`` with an FSDP
+    config. ``"fsdp"`` needs a launcher (even of one process): :func:`vlmtune.distributed.fsdp_trainer` says so.
 
     Raises:
         ValueError: for a mode not in :data:`MODES`.
     """
     if requested not in MODES:
         raise ValueError(f"distributed must be one of {MODES}, got {requested!r}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and requested != "ddp":
+        # An accelerate config with `distributed_type: FSDP` asks for sharding: vlmtune shards with its own
+        # per-tower units, and accelerate stays the launcher (its plugin would wrap the model a second time).
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        logger.info("accelerate's FSDP config selects distributed='fsdp' (vlmtune applies FSDP2 itself)")
+        return "fsdp"
     if requested == "fsdp":
         return "fsdp"
     return "ddp" if world_size > 1 else "none"

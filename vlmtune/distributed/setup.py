@@ -21,11 +21,16 @@ def fsdp_trainer(model, family: Family, processor, tuning, config) -> tuple[type
     (sharding replaces every parameter by its DTensor shard).
 
     Raises:
-        ValueError: evaluation during training (not supported under FSDP2 yet), or what
+        ValueError: no launcher, evaluation during training (not supported under FSDP2 yet), or what
             :func:`vlmtune.distributed.fsdp.check_shardable` refuses.
     """
     from vlmtune.distributed.trainer import ShardedTrainer
 
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(
+            "distributed='fsdp' shards over the processes of a launch: run under torchrun --nproc-per-node N "
+            "or accelerate launch (N=1 works too), or train with distributed='auto' in one process"
+        )
     if config.eval_rows is not None:
         raise ValueError(
             "evaluation during training is not supported with distributed='fsdp': drop eval_rows (evaluate the "
