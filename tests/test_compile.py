@@ -90,11 +90,11 @@ def test_compiled_layers_match_eager_without_graph_breaks(qwen):
 
 def test_a_family_without_layers_warns_once_and_stays_eager(qwen, caplog):
     model, family, _ = qwen
-    bare = dataclasses.replace(family, compile_layers={"language": family.compile_layers["language"]})
+    bare = dataclasses.replace(family, layers={"language": family.layers["language"]})
     with caplog.at_level(logging.WARNING, logger="vlmtune.compile"):
         compiled = compile_layers(model, bare, "both", backend="eager")
     compiled.revert()
-    assert list(compiled.skipped) == ["vision"] and "no compile_layers entry" in compiled.skipped["vision"]
+    assert list(compiled.skipped) == ["vision"] and "no layers entry" in compiled.skipped["vision"]
     assert len(compiled.layers["language"]) == 2
     assert [r.getMessage() for r in caplog.records] == [
         f"compile='both': the vision tower stays eager: {compiled.skipped['vision']}"

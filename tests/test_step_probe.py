@@ -113,3 +113,11 @@ def test_auto_without_cuda_takes_the_documented_default(tiny_qwen, rows, tmp_pat
 def test_bad_step_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         vlmtune.TrainConfig(output_dir="unused", **settings)
+
+
+@pytest.mark.parametrize("knob", ["batch_size", "max_tokens_per_step"])
+def test_auto_is_refused_under_a_launch_of_several_processes(knob, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = vlmtune.TrainConfig(max_steps=1, packing=knob == "max_tokens_per_step", **{knob: "auto"})
+    with pytest.raises(ValueError, match=f"{knob}='auto' probes one device, and this launch has 2 processes"):
+        step_probe.resolve_step_size(config, None, None, None, lambda: None)

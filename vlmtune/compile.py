@@ -11,7 +11,7 @@ not 34; the model's own code between layers (masks, embeddings, the vision-to-te
 Python data-dependent branches. vlmtune's kernels are custom ops (:mod:`vlmtune.kernels.ops`), so a patched layer
 traces each kernel as one node.
 
-Which modules are layers is the family's data (``Family.compile_layers``). Sequence lengths change every step
+Which modules are layers is the family's data (``Family.layers``). Sequence lengths change every step
 (padding to the batch's longest sample, packing): the language tower is compiled with dynamic shapes from the
 start, so a new length costs no recompile; the vision tower, whose image sizes are usually fixed, starts static
 (dynamo turns a dimension dynamic by itself the first time it changes). A layer runs its graph only while it
@@ -103,7 +103,7 @@ def compile_layers(
     Args:
         model: a transformers model or the ``PeftModel`` of :func:`vlmtune.tuning.apply_tuning`, kernels applied
             or not (apply them first: a layer compiled before is traced again when its forwards change).
-        family: the model's family; ``family.compile_layers`` says which modules are layers.
+        family: the model's family; ``family.layers`` says which modules are layers.
         mode: ``"off"``, ``"language"``, ``"vision"`` or ``"both"``.
         backend: ``torch.compile``'s backend (tests pass ``"aot_eager"`` or a counting backend).
         options: more ``torch.compile`` keyword arguments (``mode="max-autotune-no-cudagraphs"`` ...).
@@ -128,10 +128,10 @@ def compile_layers(
         return result
     base = _base_model(model)
     for tower in towers:
-        pattern = family.compile_layers.get(tower)
+        pattern = family.layers.get(tower)
         names = [n for n, _ in base.named_modules() if pattern and re.fullmatch(pattern, n)]
         if not names:
-            why = "has no compile_layers entry" if pattern is None else f"has no module matching {pattern!r}"
+            why = "has no layers entry" if pattern is None else f"has no module matching {pattern!r}"
             result.skipped[tower] = f"family {family.name!r} {why} for the {tower} tower"
             logger.warning("compile=%r: the %s tower stays eager: %s", mode, tower, result.skipped[tower])
             continue

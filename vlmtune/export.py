@@ -100,9 +100,11 @@ def export(model, processor, out: str | Path, recipe: Any = None, base_model: st
     if step_size_of(model) is not None:  # what batch_size / max_tokens_per_step="auto" chose, and how
         record["step_size"] = step_size_of(model)
     if _distributed():
-        # Every rank holds the same adapter; one writer keeps the staging folder to itself.
+        # Every rank holds the same adapter (DDP) or a shard of it (FSDP2: every rank gathers it whole first);
+        # one writer keeps the staging folder to itself.
+        state = _gathered(model)
         if torch.distributed.get_rank() == 0:
-            _write_export(model, processor, out, record)
+            _write_export(model, processor, out, record, state)
         torch.distributed.barrier()
     else:
         _write_export(model, processor, out, record)
@@ -114,7 +116,16 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _write_export(model, processor, out: Path, record: dict[str, Any]) -> None:
+def _gathered(model) -> dict[str, torch.Tensor] | None:
+    """The whole trainable state of a model sharded by FSDP2 (a collective), ``None`` for a replicated one."""
+    from torch.distributed.tensor import DTensor
+
+    from vlmtune.distributed import trainable_state_dict
+
+    return trainable_state_dict(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
+
+
+def _write_export(model, processor, out: Path, record: dict[str, Any], state: dict | None = None) -> None:
     staging = out / ".export.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +133,7 @@ def _write_export(model, processor, out: Path, record: dict[str, Any]) -> None:
         staging.mkdir()
         if (out / "README.md").is_file():
             shutil.copy2(out / "README.md", staging / "README.md")  # peft updates an existing model card
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if state else {}))
         processor.save_pretrained(staging)
         (staging / "vlmtune.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         fsync_tree(staging)

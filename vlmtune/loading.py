@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,11 +35,12 @@ def compute_dtype(dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(family: Family, quant: str, dtype: torch.dtype):
+def quantization_config(family: Family, quant: str, dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
     """The bitsandbytes config that quantises the language tower's linears only.
 
     The vision tower, projector and ``lm_head`` stay in the compute dtype: they are a small share of the weights,
-    and quantising them costs accuracy (SigLIP / ViT features) for little memory.
+    and quantising them costs accuracy (SigLIP / ViT features) for little memory. ``quant_storage`` is the dtype
+    the packed 4-bit values are stored in (the same bytes either way; FSDP2 shards only a float storage).
     """
     from transformers import BitsAndBytesConfig
 
@@ -49,7 +51,7 @@ def quantization_config(family: Family, quant: str, dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage,
             llm_int8_skip_modules=keep,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
@@ -91,12 +93,32 @@ def _is_prequantized(path: Path) -> bool:
     return config.exists() and "quantization_config" in json.loads(config.read_text())
 
 
+def _default_device() -> str:
+    """CUDA when present: under a launcher this process's own GPU (``LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    # A 4-bit model cannot be moved after loading (bitsandbytes): each rank must load onto its own GPU.
+    return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+
+
+def _quant_storage(name: str, dtype: torch.dtype) -> torch.dtype:
+    if name == "auto":
+        return dtype if int(os.environ.get("WORLD_SIZE", "1")) > 1 else torch.uint8
+    if name == "uint8":
+        return torch.uint8
+    if name not in DTYPES:
+        raise ValueError(f"quant_storage must be 'auto', 'uint8' or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def load(
     path: str | Path,
     quant: str = "none",
     dtype: str = "auto",
     device: str | None = None,
     attn_implementation: str = "sdpa",
+    quant_storage: str = "auto",
 ):
     """Load a checkpoint folder for fine-tuning.
 
@@ -110,6 +132,9 @@ def load(
             ``"float32"``.
         device: ``"cuda"``, ``"cpu"`` ...; default CUDA when present.
         attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+        quant_storage: dtype that holds the packed NF4 values: ``"auto"`` is the compute dtype under a launcher of
+            several processes (what FSDP2 can shard; DDP takes it too) and ``uint8`` in one process;
+            ``"uint8"`` or a name of :data:`DTYPES` forces one.
 
     Returns:
         ``(model, processor, family)``.
@@ -121,14 +146,15 @@ def load(
     given, path = str(path), checkpoint_folder(path)
     family = detect(read_config(path))
     torch_dtype = compute_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or _default_device()
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "device_map": device}
     if Version(transformers.__version__) >= Version("5.25"):
         # From 5.25 transformers kernelises layers with the `kernels` library whenever it is installed (use_kernels
         # None means on; it was False before), fetching kernels from the Hub: vlmtune loads offline, with its own.
         kwargs["use_kernels"] = False
     if quant != "none" and not _is_prequantized(path):
-        kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype)
+        storage = _quant_storage(quant_storage, torch_dtype)
+        kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype, storage)
     loader = family.load_model or AutoModelForImageTextToText.from_pretrained
     model = loader(path, **kwargs)
     if is_hub_id(given) and not Path(given).is_dir():

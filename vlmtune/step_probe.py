@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,15 @@ def resolve_step_size(
 
     Raises:
         NothingFits: not even one sample fits the cap (the message names the cap and that sample's needs).
+        ValueError: ``"auto"`` under a launch of several processes.
     """
     knob = "max_tokens_per_step" if config.max_tokens_per_step == AUTO else "batch_size"
+    if getattr(config, knob) == AUTO and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each process would probe its own device and could pick another size: the ranks' steps must agree.
+        raise ValueError(
+            f"{knob}='auto' probes one device, and this launch has {os.environ['WORLD_SIZE']} processes: set "
+            f"{knob} to a number (a one-process run with {knob}='auto' logs the size that fits one device)"
+        )
     if getattr(config, knob) != AUTO:
         model.__dict__.pop(_RECORD, None)  # an earlier run's choice is not this run's
         return config, None

@@ -17,6 +17,7 @@ import torch
 from vlmtune.compile import COMPILE_TOWERS, compile_layers, resolve_compile
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.data.host import TimedCollate, collate_time_callback, dataloader_arguments
+from vlmtune.distributed import fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
 from vlmtune.families import Family
 from vlmtune.step_probe import check_step_config, resolve_step_size
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
@@ -97,6 +98,10 @@ class TrainConfig:
         compile: ``torch.compile`` the layers of ``"language"``, ``"vision"`` or ``"both"`` towers one by one, so
             each tower's layers share one graph (:mod:`vlmtune.compile`), with the kernels inside as custom ops;
             ``"off"``: eager. ``None``: ``vlmtune.compile.DEFAULT_COMPILE`` on a CUDA model, else ``"off"``.
+        distributed: data parallelism under ``torchrun`` / ``accelerate launch``: ``"auto"`` (DDP when launched
+            with several processes), ``"ddp"`` or ``"fsdp"`` (FSDP2: each layer of both towers sharded over the
+            processes; see :mod:`vlmtune.distributed`). Under a launcher ``batch_size`` is the global micro-batch,
+            split evenly over the processes, so one step sees the same rows as in one process.
     """
 
     output_dir: str = "out"
@@ -138,6 +143,7 @@ class TrainConfig:
     memory_limit_gib: float | None = None
     prefetch_factor: int = 2
     compile: Literal["off", "language", "vision", "both"] | None = None
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -167,6 +173,7 @@ class TrainConfig:
             check_trainer_args(self)
         if self.compile not in (None, *COMPILE_TOWERS):
             raise ValueError(f"compile must be None or one of {sorted(COMPILE_TOWERS)}, got {self.compile!r}")
+        resolve_mode(self.distributed, 1)
 
 
 @dataclass
@@ -404,12 +411,17 @@ def train(
     data_collator = TimedCollate(data_collator)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    args = _training_arguments(config, dtype, find_unused_parameters(model, family, tuning), eval_dataset is not None)
+    mode, per_device = resolve_mode(config.distributed, launched_world_size()), per_device_batch(config)
+    find_unused = mode == "ddp" and find_unused_parameters(model, family, tuning)
+    args = _training_arguments(per_device, dtype, find_unused, eval_dataset is not None)
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.
     checkpoint, fingerprint = prepare_resume(config, model, prepared, tuning, args.world_size)
-    kernels = KernelSwitch(model, family, enabled=use_kernels(config, model))
+    trainer_class, sharding, kernels_ok = CheckpointTrainer, {}, True
+    if mode == "fsdp":  # shards the model in place (vlmtune.distributed.fsdp)
+        trainer_class, sharding, kernels_ok = fsdp_trainer(model, family, processor, tuning, config)
+    kernels = KernelSwitch(model, family, enabled=use_kernels(config, model) and kernels_ok)
     compiled = compile_layers(model, family, resolve_compile(config.compile, model))
-    trainer = CheckpointTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -419,6 +431,7 @@ def train(
         optimizers=(make_optimizer(model, family, tuning, config), None),
         fingerprint=fingerprint,
         save_total_limit=config.save_total_limit,
+        **sharding,
     )
     summary = run_summary(model, family, tuning, config, prepared, eval_prepared, kernels.patch is not None)
     watch = attach(trainer, processor, summary, config, eval_prepared, kernels)

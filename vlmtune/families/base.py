@@ -137,9 +137,10 @@ class Family:
         vision_mlp_kind: ``"fc"`` where the vision tower's MLPs are non-gated ``fc2(act(fc1(x)))`` (SigLIP,
             Qwen2-VL / Qwen3-VL's ViT), which the ``fc_mlp`` kernel op fuses; ``None`` leaves them. One descriptor
             may serve checkpoints of both layouts (Qwen2-VL and Qwen2.5-VL): the op finds MLPs by structure.
-        compile_layers: per tower, a regular expression (``re.fullmatch``) of the module names of its repeated
-            layers, the units :mod:`vlmtune.compile` compiles one by one (all of a tower's layers then share one
-            graph); a tower left out is never compiled (``TrainConfig.compile`` warns and keeps it eager).
+        layers: per tower, the pattern of one layer's module name (``model.language_model.layers.(\\d+)``): the
+            units FSDP2 shards one at a time (:mod:`vlmtune.distributed.fsdp`) and :mod:`vlmtune.compile` compiles
+            one by one (all of a tower's layers then share one graph). A tower left out is neither sharded per
+            layer nor compiled (FSDP2 is refused, ``TrainConfig.compile`` warns and keeps it eager).
     """
 
     name: str
@@ -163,7 +164,7 @@ class Family:
     tiny: Mapping[str, Callable[[Path], None]] = field(default_factory=dict)
     vision_norm_kind: str | None = None
     vision_mlp_kind: str | None = None
-    compile_layers: Mapping[str, str] = field(default_factory=dict)
+    layers: Mapping[str, str] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str | None:
         """The tower a parameter or module name belongs to, or ``None`` (``lm_head``, top-level norms ...)."""

@@ -114,5 +114,5 @@ GEMMA3 = Family(
     # SigLIP: nn.LayerNorm and fc1 -> gelu_pytorch_tanh -> fc2.
     vision_norm_kind="layer_norm",
     vision_mlp_kind="fc",
-    compile_layers={"vision": _VISION, "language": _LANGUAGE},
+    layers={"vision": _VISION, "language": _LANGUAGE},
 )

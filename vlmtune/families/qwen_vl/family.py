@@ -157,7 +157,7 @@ QWEN2_5_VL = Family(
     # RMSNorm and a gated SiLU MLP with biases, which these ops find nothing of (see vlmtune.kernels.patch).
     vision_norm_kind="layer_norm",
     vision_mlp_kind="fc",
-    compile_layers={"vision": _VISION, "language": _LANGUAGE},
+    layers={"vision": _VISION, "language": _LANGUAGE},
 )
 
 # Qwen3-VL is Qwen2.5-VL's descriptor with its own names (the data and image path are the same).

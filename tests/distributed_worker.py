@@ -1,0 +1,84 @@
+"""One rank of the two-process CPU runs in ``tests/test_distributed.py`` (gloo backend): several runs in one launch.
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py --out OUT_DIR \\
+        --job NAME:MODEL_DIR:QUANT:MODE ...
+
+Each ``--job`` trains LoRA on both towers for 3 steps over a global batch of 4 image rows, then writes
+``OUT_DIR/NAME/rank<N>.pt`` (per-step losses, the LoRA weights gathered whole) and exports the adapter to
+``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR`` adds a FSDP2 run where rank 0 has only text rows and rank 1 only
+image rows; ``--resume MODEL_DIR`` adds a FSDP2 run of 4 steps checkpointed at step 2, then a fresh model resumed
+from that checkpoint to step 4 (``OUT_DIR/resume/rank<N>.pt`` holds both final adapters).
+"""
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from train_ddp_worker import rows
+from transformers import TrainerCallback
+
+import vlmtune
+from vlmtune.distributed import trainable_state_dict
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=None, **overrides):
+    """Load, tune and train one run; return ``(result, model, processor)``."""
+    model, processor, family = vlmtune.load(model_dir, quant=quant)
+    tuning = vlmtune.TuningConfig(vision="lora", language="lora")
+    model = vlmtune.apply_tuning(model, family, tuning)
+    settings = dict(output_dir=str(out), max_steps=3, batch_size=4, lr=1e-2, logging_steps=1, report=False)
+    config = vlmtune.TrainConfig(distributed=mode, **{**settings, **overrides})
+    return vlmtune.train(model, processor, family, data, config, tuning, callbacks), model, processor
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimiser steps a run takes (a resumed run takes only those after its checkpoint)."""
+
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def lora(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in trainable_state_dict(model).items() if ".lora_" in k}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--job", action="append", default=[])
+    parser.add_argument("--mixed")
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    out = Path(args.out)
+    for spec in args.job:
+        name, model_dir, quant, mode = spec.split(":")
+        result, model, processor = run(model_dir, quant, mode, out / name, rows(with_images=True))
+        state = lora(model)
+        vlmtune.export(model, processor, out / name / "export")
+        torch.save({"losses": result.losses, "lora": state}, out / name / f"rank{RANK}.pt")
+    if args.mixed:
+        result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1))
+        torch.save({"losses": result.losses, "lora": lora(model)}, out / "mixed" / f"rank{RANK}.pt")
+    if args.resume:
+        data = rows(with_images=True)
+        _, whole, _ = run(args.resume, "nf4", "fsdp", out / "resume" / "whole", data, max_steps=4, save_steps=2)
+        cut = out / "resume" / "cut" / "checkpoints"
+        if RANK == 0:  # the run killed after its step-2 checkpoint: that checkpoint is all it left
+            cut.mkdir(parents=True)
+            shutil.copytree(out / "resume" / "whole" / "checkpoints" / "checkpoint-2", cut / "checkpoint-2")
+        torch.distributed.barrier()
+        steps = StepCounter()
+        settings = dict(max_steps=4, save_steps=2, resume=True)
+        result, resumed, _ = run(args.resume, "nf4", "fsdp", cut.parent, data, [steps], **settings)
+        state = {"whole": lora(whole), "resumed": lora(resumed), "losses": result.losses, "steps_run": steps.steps}
+        torch.save(state, out / "resume" / f"rank{RANK}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Two gloo processes on the CPU (``tests/distributed_worker.py``): DDP and FSDP2, LoRA and QLoRA, on tiny Qwen2.5-VL
+and Gemma-3, against one process with the same global batch; mixed text / image ranks; FSDP2 resume; bad launches.
+
+One launch runs every job (a process start and the imports cost more than a tiny run), killed after 420 s so
+that a hang fails instead of stalling CI.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune.distributed import per_device_batch, resolve_mode
+from vlmtune.distributed.fsdp import check_shardable
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# The single-process references run the worker's own code in this process (tests/ is not a package).
+sys.path.insert(0, str(WORKER.parent))
+from distributed_worker import lora, run  # noqa: E402
+from train_ddp_worker import rows  # noqa: E402
+
+JOBS = {  # name: (family, quant, mode)
+    "qwen_lora_ddp": ("qwen2_5_vl", "none", "ddp"),
+    "qwen_lora_fsdp": ("qwen2_5_vl", "none", "fsdp"),
+    "qwen_qlora_ddp": ("qwen2_5_vl", "nf4", "ddp"),
+    "qwen_qlora_fsdp": ("qwen2_5_vl", "nf4", "fsdp"),
+    "gemma_lora_fsdp": ("gemma3", "none", "fsdp"),
+    "gemma_qlora_ddp": ("gemma3", "nf4", "ddp"),
+    "gemma_qlora_fsdp": ("gemma3", "nf4", "fsdp"),
+}
+# fp32 on the CPU: two half-batches all-reduced add their gradients in another order than one batch does, and
+# 3 steps at lr 1e-2 carry that rounding (~1e-7 relative) into the weights; NF4 dequantises identically.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def launch(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
+    command += ["--out", str(out), "--mixed", str(tiny_checkpoint("qwen2_5_vl"))]
+    command += ["--resume", str(tiny_checkpoint("qwen2_5_vl"))]
+    for name, (family, quant, mode) in JOBS.items():
+        command += ["--job", f"{name}:{tiny_checkpoint(family)}:{quant}:{mode}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks share the new session's group
+        output, _ = process.communicate()
+        pytest.fail(f"two-process training hung (killed after 420 s):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint, tmp_path_factory):
+    """``single(family, quant)``: losses, LoRA weights and model of one process on the same global batch."""
+    done = {}
+
+    def reference(family: str, quant: str):
+        if (family, quant) not in done:
+            out = tmp_path_factory.mktemp(f"single_{family}_{quant}")
+            result, model, _ = run(str(tiny_checkpoint(family)), quant, "auto", out, rows(with_images=True))
+            done[family, quant] = (result.losses, lora(model), model)
+        return done[family, quant]
+
+    return reference
+
+
+def _ranks(folder: Path) -> list[dict]:
+    return [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_two_processes_train_as_one_process_with_the_same_global_batch(launch, single, job):
+    family, quant, mode = JOBS[job]
+    losses, weights, _ = single(family, quant)
+    ranks = _ranks(launch / job)
+    assert len(ranks[0]["losses"]) == 3 and ranks[0]["losses"] == ranks[1]["losses"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=RTOL, atol=ATOL)
+    assert sorted(ranks[0]["lora"]) == sorted(weights) and len(weights) > 0
+    for name, value in weights.items():
+        # DDP: each rank's own copy; FSDP2: the shards gathered. Either way the same on both ranks, and as one process.
+        assert torch.equal(ranks[0]["lora"][name], ranks[1]["lora"][name]), name
+        torch.testing.assert_close(ranks[0]["lora"][name], value, rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("job", ["qwen_lora_fsdp", "gemma_lora_fsdp", "qwen_lora_ddp"])
+def test_the_export_loads_in_plain_peft_with_the_single_process_logits(launch, single, tiny_checkpoint, job):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    family, quant, _ = JOBS[job]
+    _, _, trained = single(family, quant)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(family), dtype=torch.float32)
+    exported = PeftModel.from_pretrained(base, launch / job / "export").eval()
+    input_ids = torch.tensor([[5, 17, 42, 8, 99, 23]])
+    with torch.no_grad():
+        want = trained.eval()(input_ids=input_ids).logits
+        got = exported(input_ids=input_ids).logits
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_a_text_only_rank_and_an_image_rank_train_together_under_fsdp(launch):
+    # Rank 0 never sees an image: without the blank-image pass it would skip the sharded vision blocks'
+    # all-gathers that rank 1 waits on (the launch's kill timeout turns that hang into a failure).
+    ranks = _ranks(launch / "mixed")
+    assert len(ranks[0]["losses"]) == 3 and ranks[0]["losses"] == ranks[1]["losses"]
+    assert all(torch.isfinite(torch.tensor(ranks[0]["losses"])))
+    vision = [n for n in ranks[0]["lora"] if ".visual." in n]
+    assert len(vision) == 2 * 5 * 2  # 2 vision blocks x (qkv, proj, gate, up, down) x (A, B)
+    for name in vision:
+        assert torch.equal(ranks[0]["lora"][name], ranks[1]["lora"][name]), name
+
+
+def test_fsdp_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(launch):
+    ranks = _ranks(launch / "resume")
+    assert ranks[0]["steps_run"] == 2  # steps 3 and 4 only: 1 and 2 came from the checkpoint
+    assert len(ranks[0]["losses"]) == 4
+    for name, value in ranks[0]["whole"].items():
+        torch.testing.assert_close(ranks[0]["resumed"][name], value, rtol=RTOL, atol=ATOL, msg=name)
+    checkpoint = launch / "resume" / "whole" / "checkpoints" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"batch_size=4 does not split over 3 processes.*\(3 or 6\)"):
+        per_device_batch(vlmtune.TrainConfig(batch_size=4))
+    assert per_device_batch(vlmtune.TrainConfig(batch_size=6)).batch_size == 2
+    assert per_device_batch(vlmtune.TrainConfig(batch_size=4, packing=True)).batch_size == 4
+
+
+def test_fsdp_refuses_int8_and_packed_uint8_4bit_weights(tiny_qwen):
+    model, _, family = vlmtune.load(tiny_qwen, quant="nf4", quant_storage="uint8")
+    with pytest.raises(ValueError, match=r"4-bit weight stored as torch.uint8.*quant_storage='auto'"):
+        check_shardable(model, family)
+    model, _, family = vlmtune.load(tiny_qwen, quant="nf4", quant_storage="float32")
+    check_shardable(model, family)  # a float storage shards
+    model, _, family = vlmtune.load(tiny_qwen, quant="int8")
+    with pytest.raises(ValueError, match=r"8-bit bitsandbytes weight, which FSDP2 cannot shard.*quant='nf4'"):
+        check_shardable(model, family)
+
+
+def test_an_unknown_distributed_mode_is_refused():
+    with pytest.raises(ValueError, match=r"distributed must be one of \('auto', 'ddp', 'fsdp'\)"):
+        vlmtune.TrainConfig(distributed="zero3")
+
+
+def test_an_accelerate_fsdp_config_selects_vlmtunes_fsdp2(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_mode("auto", 2) == "fsdp"
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # accelerate stays the launcher, its plugin off
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert (resolve_mode("auto", 2), resolve_mode("auto", 1), resolve_mode("fsdp", 1)) == ("ddp", "none", "fsdp")
