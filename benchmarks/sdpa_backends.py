@@ -5,8 +5,8 @@
 Run from the repository root. Gemma-3's and MiniCPM-V's SigLIP use head dim 72 (1152 / 16), Qwen2.5-VL's ViT 80
 (1280 / 16); neither is a power of two, which rules some kernels out. For each shape (batch, heads, sequence,
 head dim) the case runs forward and forward + backward, unmasked, in bf16, once with the backend torch picks by
-itself (``default``) and once forced to each backend (``torch.nn.attention.sdpa_kernel``): the median of
-``--reps`` runs after a warm-up, CUDA-synchronised, and the names of the attention kernels the profiler saw, so
+itself (``default``) and once forced to each backend (``torch.nn.attention.sdpa_kernel``): the mean of
+``--reps`` runs queued back to back after a warm-up, and the names of the attention kernels the profiler saw, so
 the record says which backend ``default`` is. A backend that cannot run a shape records the reason.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -39,15 +38,14 @@ BACKENDS = {
 _ATTENTION_KERNEL = ("attention", "fmha", "flash", "sdpa")
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
+def _mean_ms(fn, reps: int) -> float:
+    """Milliseconds per run of ``reps`` runs queued back to back (as in a training step), synchronised around."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / reps
 
 
 def measure(shape: tuple[int, int, int, int], backend: SDPBackend | None, reps: int) -> dict:
@@ -63,7 +61,7 @@ def measure(shape: tuple[int, int, int, int], backend: SDPBackend | None, reps: 
     with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
         for _ in range(3):
             forward_backward()
-        record = {"forward_ms": _median_ms(forward, reps), "forward_backward_ms": _median_ms(forward_backward, reps)}
+        record = {"forward_ms": _mean_ms(forward, reps), "forward_backward_ms": _mean_ms(forward_backward, reps)}
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             forward_backward()
             torch.cuda.synchronize()
