@@ -125,3 +125,20 @@ class FastLaunch:
 def fast_launch(kernel: Any) -> FastLaunch:
     """Decorate a ``@triton.jit`` kernel (put it above ``@triton.jit``) so launches skip Triton's binder."""
     return FastLaunch(kernel)
+
+
+def row_num_warps(block: int) -> int:
+    """Warps of a row-wise kernel (norms) whose program holds ``block`` elements of a row."""
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def row_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of a persistent row-wise kernel: two per SM on CUDA (each loops over its rows), 4 on the CPU."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, 2 * sms))
+    return max(1, min(n_rows, 4))

@@ -20,22 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmtune.kernels.launch import fast_launch
-
-
-def _num_warps(block: int) -> int:
-    if block >= 8192:
-        return 16
-    if block >= 2048:
-        return 8
-    return 4
-
-
-def _num_programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 2 * sms))
-    return max(1, min(n_rows, 4))
+from vlmtune.kernels.launch import fast_launch, row_num_warps, row_programs
 
 
 def _rows_per_tile(block: int) -> int:
@@ -167,7 +152,7 @@ class _LayerNormFunction(torch.autograd.Function):
                 HAS_BIAS=bias is not None,
                 ROWS=tile,
                 BLOCK=block,
-                num_warps=_num_warps(block),
+                num_warps=row_num_warps(block),
             )
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.x_shape = x.shape
@@ -181,7 +166,7 @@ class _LayerNormFunction(torch.autograd.Function):
         dy2d = _rows(dy)
         compute_dw, compute_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx = torch.empty_like(x2d)
-        n_programs = _num_programs(n_rows, x2d.device)
+        n_programs = row_programs(n_rows, x2d.device)
         # Unused (1, 1) stand-ins for the partials nobody asked for.
         dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1, 1), dtype=torch.float32, device=x2d.device)
         db_partial = torch.empty((n_programs, n_cols) if compute_db else (1, 1), dtype=torch.float32, device=x2d.device)
@@ -207,7 +192,7 @@ class _LayerNormFunction(torch.autograd.Function):
                 COMPUTE_DB=compute_db,
                 ROWS=tile,
                 BLOCK=block,
-                num_warps=_num_warps(block),
+                num_warps=row_num_warps(block),
             )
         dw = db = None
         if compute_dw:

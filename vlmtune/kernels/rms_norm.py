@@ -19,25 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmtune.kernels.launch import fast_launch
+from vlmtune.kernels.launch import fast_launch, row_num_warps, row_programs
 from vlmtune.kernels.ops import kernel_op
 
 _CASTINGS = ("llama", "gemma")
-
-
-def _num_warps(block: int) -> int:
-    if block >= 8192:
-        return 16
-    if block >= 2048:
-        return 8
-    return 4
-
-
-def _num_programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 2 * sms))
-    return max(1, min(n_rows, 4))
 
 
 @fast_launch
@@ -142,7 +127,7 @@ def _forward_rows(x2d, weight, eps, offset, gemma):
             offset,
             GEMMA_CASTING=gemma,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=row_num_warps(block),
         )
     return y, rstd
 
@@ -152,7 +137,7 @@ def _backward_rows(dy, x2d, weight, rstd, offset, gemma, compute_dw):
     n_rows, n_cols = x2d.shape
     dy2d = _as_rows(dy)
     dx = torch.empty_like(x2d)
-    n_programs = _num_programs(n_rows, x2d.device)
+    n_programs = row_programs(n_rows, x2d.device)
     dw_partial = torch.empty((n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device)
     block = triton.next_power_of_2(n_cols)
     if n_rows > 0:
@@ -173,7 +158,7 @@ def _backward_rows(dy, x2d, weight, rstd, offset, gemma, compute_dw):
             GEMMA_CASTING=gemma,
             COMPUTE_DW=compute_dw,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=row_num_warps(block),
         )
     dw = None
     if compute_dw:
