@@ -35,7 +35,7 @@ import triton.language as tl
 from vlmtune.kernels.gated_mlp import _activation, _sigmoid
 from vlmtune.kernels.launch import fast_launch
 from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference
-from vlmtune.kernels.lora_mlp import LoraProjection
+from vlmtune.kernels.lora_mlp import LoraProjection, check_projection
 
 _BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -234,18 +234,7 @@ def _check(x, fc1, bias1, fc2, bias2, activation) -> None:
         raise ValueError(f"activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     shapes = []
     for name, p, bias in (("fc1", fc1, bias1), ("fc2", fc2, bias2)):
-        if p.weight.requires_grad:
-            raise ValueError(f"{name}: the base weight must be frozen (requires_grad=False)")
-        out_f, in_f = p.weight.shape if p.quant_state is None else p.quant_state.shape
-        if (p.lora_A is None) != (p.lora_B is None):
-            raise ValueError(f"{name}: give both LoRA matrices or neither")
-        if p.lora_A is not None:
-            r = p.lora_A.shape[0]
-            if p.lora_A.shape != (r, in_f) or p.lora_B.shape != (out_f, r):
-                raise ValueError(
-                    f"{name}: LoRA shapes A {tuple(p.lora_A.shape)}, B {tuple(p.lora_B.shape)} do not fit a "
-                    f"({out_f}, {in_f}) base weight"
-                )
+        out_f, in_f = check_projection(name, p)
         if bias is not None and bias.shape != (out_f,):
             raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} for {out_f} outputs")
         shapes.append((out_f, in_f))

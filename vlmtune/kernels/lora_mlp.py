@@ -246,22 +246,25 @@ LORA_GATED_MLP = kernel_op(
 )
 
 
+def check_projection(name: str, p: LoraProjection) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a frozen base with matching LoRA factors; ``ValueError`` naming ``name``."""
+    if p.weight.requires_grad:
+        raise ValueError(f"{name}: the base weight must be frozen (requires_grad=False)")
+    out_f, in_f = p.weight.shape if p.quant_state is None else p.quant_state.shape
+    if (p.lora_A is None) != (p.lora_B is None):
+        raise ValueError(f"{name}: give both LoRA matrices or neither")
+    if p.lora_A is not None:
+        r = p.lora_A.shape[0]
+        if p.lora_A.shape != (r, in_f) or p.lora_B.shape != (out_f, r):
+            raise ValueError(
+                f"{name}: LoRA shapes A {tuple(p.lora_A.shape)}, B {tuple(p.lora_B.shape)} do not fit a "
+                f"({out_f}, {in_f}) base weight"
+            )
+    return out_f, in_f
+
+
 def _check(x: torch.Tensor, gate: LoraProjection, up: LoraProjection, down: LoraProjection) -> None:
-    shapes = []
-    for name, p in (("gate", gate), ("up", up), ("down", down)):
-        if p.weight.requires_grad:
-            raise ValueError(f"{name}: the base weight must be frozen (requires_grad=False)")
-        out_f, in_f = p.weight.shape if p.quant_state is None else p.quant_state.shape
-        if (p.lora_A is None) != (p.lora_B is None):
-            raise ValueError(f"{name}: give both LoRA matrices or neither")
-        if p.lora_A is not None:
-            r = p.lora_A.shape[0]
-            if p.lora_A.shape != (r, in_f) or p.lora_B.shape != (out_f, r):
-                raise ValueError(
-                    f"{name}: LoRA shapes A {tuple(p.lora_A.shape)}, B {tuple(p.lora_B.shape)} do not fit a "
-                    f"({out_f}, {in_f}) base weight"
-                )
-        shapes.append((out_f, in_f))
+    shapes = [check_projection(name, p) for name, p in (("gate", gate), ("up", up), ("down", down))]
     (inter_g, hidden_g), (inter_u, hidden_u), (hidden_d, inter_d) = shapes
     if not (x.shape[-1] == hidden_g == hidden_u == hidden_d and inter_g == inter_u == inter_d):
         raise ValueError(
