@@ -34,8 +34,9 @@ class TrainConfig:
         output_dir: where checkpoints go (``<output_dir>/checkpoints``) and the export is written.
         max_steps: optimiser steps (overrides ``epochs`` when > 0).
         epochs: passes over the data when ``max_steps`` is 0.
-        batch_size: samples per device step, or ``"auto"``: the largest that fits ``memory_limit_gib``, found by
-            a short probe on the longest samples before the first step (:mod:`vlmtune.step_probe`; CPU: 4).
+        batch_size: samples per micro-step (under a launcher, over all processes: see ``distributed``), or
+            ``"auto"``: the largest that fits ``memory_limit_gib``, found by a short probe on the longest samples
+            before the first step (:mod:`vlmtune.step_probe`; CPU: 4).
         grad_accum: gradient accumulation steps.
         lr: peak learning rate (LoRA usually 1e-4 to 2e-4).
         weight_decay: AdamW weight decay.
