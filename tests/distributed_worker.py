@@ -7,7 +7,8 @@ Each ``--job`` trains LoRA on both towers for 3 steps over a global batch of 4 r
 ``4 / GRAD_ACCUM``) drawn from text-only and image rows shuffled together (:func:`mixed_rows`: their answers differ
 in length, so how the loss is normalised over tokens shows), then writes ``OUT_DIR/NAME/rank<N>.pt`` (per-step
 losses, the LoRA weights gathered whole) and exports the adapter to ``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR``
-adds a FSDP2 run where rank 0 has only text rows and rank 1 only image rows; ``--resume MODEL_DIR`` adds a FSDP2
+adds a FSDP2 run where rank 0 has only text rows and rank 1 only image rows, its eval loss on held-out rows
+computed sharded before and after training; ``--resume MODEL_DIR`` adds a FSDP2
 run of 4 steps checkpointed at step 2, then a fresh model resumed from that checkpoint to step 4
 (``OUT_DIR/resume/rank<N>.pt`` holds both final adapters).
 """
@@ -71,8 +72,10 @@ def main() -> None:
         vlmtune.export(model, processor, out / name / "export")
         torch.save({"losses": result.losses, "lora": state}, out / name / f"rank{RANK}.pt")
     if args.mixed:
-        result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1))
-        torch.save({"losses": result.losses, "lora": lora(model)}, out / "mixed" / f"rank{RANK}.pt")
+        held_out = dict(eval_rows=mixed_rows()[:6], eval_samples=0)  # the eval loss, sharded, before and after
+        result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1), **held_out)
+        state = {"losses": result.losses, "lora": lora(model), "eval": [e["eval_loss"] for e in result.evaluations]}
+        torch.save(state, out / "mixed" / f"rank{RANK}.pt")
     if args.resume:
         data = mixed_rows()
         _, whole, _ = run(args.resume, "nf4", "fsdp", out / "resume" / "whole", data, max_steps=4, save_steps=2)

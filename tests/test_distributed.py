@@ -21,6 +21,7 @@ import torch
 import vlmtune
 from vlmtune.distributed import per_device_batch, resolve_mode
 from vlmtune.distributed.fsdp import check_shardable
+from vlmtune.distributed.setup import check_fsdp_eval
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # The single-process references run the worker's own code in this process (tests/ is not a package).
@@ -128,6 +129,25 @@ def test_a_text_only_rank_and_an_image_rank_train_together_under_fsdp(launch):
     assert len(vision) == 2 * 5 * 2  # 2 vision blocks x (qkv, proj, gate, up, down) x (A, B)
     for name in vision:
         assert torch.equal(ranks[0]["lora"][name], ranks[1]["lora"][name]), name
+
+
+def test_the_eval_loss_runs_sharded_during_fsdp_training(launch):
+    # 6 held-out rows over 2 ranks and eval batches of 2: the ranks evaluate different rows, some without an image.
+    evals = [r["eval"] for r in _ranks(launch / "mixed")]
+    assert evals[0] == evals[1] and len(evals[0]) == 2  # before the first step and at the end
+    assert all(torch.isfinite(torch.tensor(evals[0])))
+    assert evals[0][1] < evals[0][0]  # 3 steps at lr 1e-2 on similar rows lower it
+
+
+def test_fsdp_refuses_generation_metrics_and_best_metric_during_training():
+    config = vlmtune.TrainConfig(eval_rows=[{}], eval_samples=4)
+    with pytest.raises(ValueError, match=r"eval loss only: generation metrics.*set eval_samples=0 \(got 4\)"):
+        check_fsdp_eval(config)
+    config = vlmtune.TrainConfig(eval_rows=[{}], eval_samples=0, best_metric="loss", eval_steps=1, save_steps=1)
+    with pytest.raises(ValueError, match=r"best_metric='loss' is not supported with distributed='fsdp'"):
+        check_fsdp_eval(config)
+    check_fsdp_eval(vlmtune.TrainConfig(eval_rows=[{}], eval_samples=0))
+    check_fsdp_eval(vlmtune.TrainConfig())
 
 
 def test_fsdp_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(launch):
