@@ -1,13 +1,16 @@
 """One rank of the two-process CPU runs in ``tests/test_distributed.py`` (gloo backend): several runs in one launch.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py --out OUT_DIR \\
-        --job NAME:MODEL_DIR:QUANT:MODE ...
+        --job NAME:MODEL_DIR:QUANT:MODE[:GRAD_ACCUM] ...
 
-Each ``--job`` trains LoRA on both towers for 3 steps over a global batch of 4 image rows, then writes
-``OUT_DIR/NAME/rank<N>.pt`` (per-step losses, the LoRA weights gathered whole) and exports the adapter to
-``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR`` adds a FSDP2 run where rank 0 has only text rows and rank 1 only
-image rows; ``--resume MODEL_DIR`` adds a FSDP2 run of 4 steps checkpointed at step 2, then a fresh model resumed
-from that checkpoint to step 4 (``OUT_DIR/resume/rank<N>.pt`` holds both final adapters).
+Each ``--job`` trains LoRA on both towers for 3 steps over a global batch of 4 rows (``GRAD_ACCUM`` micro-steps of
+``4 / GRAD_ACCUM``) drawn from text-only and image rows shuffled together (:func:`mixed_rows`: their answers differ
+in length, so how the loss is normalised over tokens shows), then writes ``OUT_DIR/NAME/rank<N>.pt`` (per-step
+losses, the LoRA weights gathered whole) and exports the adapter to ``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR``
+adds a FSDP2 run where rank 0 has only text rows and rank 1 only image rows, its eval loss on held-out rows
+computed sharded before and after training; ``--resume MODEL_DIR`` adds a FSDP2
+run of 4 steps checkpointed at step 2, then a fresh model resumed from that checkpoint to step 4
+(``OUT_DIR/resume/rank<N>.pt`` holds both final adapters).
 """
 
 import argparse
@@ -23,6 +26,11 @@ import vlmtune
 from vlmtune.distributed import trainable_state_dict
 
 RANK = int(os.environ.get("RANK", "0"))
+
+
+def mixed_rows() -> list[dict]:
+    """Image rows and text-only rows in turn (8 of each): a micro-batch's halves rarely hold as many answer tokens."""
+    return [row for pair in zip(rows(with_images=True), rows(with_images=False), strict=True) for row in pair]
 
 
 def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=None, **overrides):
@@ -57,16 +65,19 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     for spec in args.job:
-        name, model_dir, quant, mode = spec.split(":")
-        result, model, processor = run(model_dir, quant, mode, out / name, rows(with_images=True))
+        name, model_dir, quant, mode, *accum = spec.split(":")
+        steps = dict(grad_accum=int(accum[0]), batch_size=4 // int(accum[0])) if accum else {}
+        result, model, processor = run(model_dir, quant, mode, out / name, mixed_rows(), **steps)
         state = lora(model)
         vlmtune.export(model, processor, out / name / "export")
         torch.save({"losses": result.losses, "lora": state}, out / name / f"rank{RANK}.pt")
     if args.mixed:
-        result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1))
-        torch.save({"losses": result.losses, "lora": lora(model)}, out / "mixed" / f"rank{RANK}.pt")
+        held_out = dict(eval_rows=mixed_rows()[:6], eval_samples=0)  # the eval loss, sharded, before and after
+        result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1), **held_out)
+        state = {"losses": result.losses, "lora": lora(model), "eval": [e["eval_loss"] for e in result.evaluations]}
+        torch.save(state, out / "mixed" / f"rank{RANK}.pt")
     if args.resume:
-        data = rows(with_images=True)
+        data = mixed_rows()
         _, whole, _ = run(args.resume, "nf4", "fsdp", out / "resume" / "whole", data, max_steps=4, save_steps=2)
         cut = out / "resume" / "cut" / "checkpoints"
         if RANK == 0:  # the run killed after its step-2 checkpoint: that checkpoint is all it left

@@ -27,6 +27,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmtune.atomic import OutputWriteError, fsync_dir, fsync_tree, is_write_error, remove_tree, write_durable
+from vlmtune.token_loss import TokenMeanLoss
 
 logger = logging.getLogger(__name__)
 
@@ -329,8 +330,9 @@ def rotate(folder: Path, keep: int | None, best: str | None = None) -> None:
         logger.info("deleted %s (save_total_limit=%d)", path, keep)
 
 
-class CheckpointTrainer(Trainer):
-    """transformers' ``Trainer`` whose checkpoints are written whole or not at all (see the module docstring).
+class CheckpointTrainer(TokenMeanLoss, Trainer):
+    """transformers' ``Trainer`` whose checkpoints are written whole or not at all (see the module docstring), and
+    whose loss is the mean over the supervised tokens of the step (:mod:`vlmtune.token_loss`).
 
     Args:
         fingerprint: :func:`run_fingerprint` of the run, stored in each checkpoint.
