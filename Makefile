@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/vlmtune demo
 
+# Two test processes: most of the suite's time is the Triton interpreter and subprocess start-up, single-threaded.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check vlmtune tests recipes examples benchmarks
