@@ -78,8 +78,23 @@ class _TrainingGraph:
     def __call__(self, *args, **kwargs):
         module = self.module
         if module.training and torch.is_grad_enabled():
-            return self.compiled(*args, **kwargs)
+            return self.compiled(*_hidden_requiring_grad(args), **kwargs)
         return module._call_impl(*args, **kwargs)
+
+
+def _hidden_requiring_grad(args: tuple) -> tuple:
+    """``args`` with the hidden states (the first positional argument) requiring grad.
+
+    Dynamo guards on ``requires_grad`` of every tensor input: the first layer of a tower whose embeddings are frozen
+    receives hidden states without grad, every later layer with, and the two would be two graphs (and two compiles
+    per new shape). A fresh leaf requiring grad gives the first layer the same graph as the others; it cuts no
+    graph (a tensor without grad has no history) and costs that layer's input gradient, which nothing reads.
+    Transformers' ``enable_input_require_grads`` does the same at the embeddings for the whole model; here it stays
+    on the compiled layers (a frozen vision tower keeps recording nothing).
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(), *args[1:])
+    return args
 
 
 def resolve_compile(mode: str | None, model: torch.nn.Module) -> str:
