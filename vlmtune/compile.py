@@ -44,6 +44,9 @@ MIN_TORCH = Version("2.10")
 # Per tower, torch.compile's `dynamic`: True traces sizes symbolically from the first call; None lets dynamo
 # specialise first and go dynamic on the first change.
 _DYNAMIC = {"language": True, "vision": None}
+# torch.compile's backend when compile_layers is given none (what TrainConfig.compile uses). Tests on the CPU set it
+# to "aot_eager" (monkeypatch), which traces and runs the same graphs with no C++ / Triton code generation.
+BACKEND: str | Callable = "inductor"
 
 
 @dataclasses.dataclass
@@ -110,7 +113,7 @@ def compile_layers(
     family: Family,
     mode: str,
     *,
-    backend: str | Callable = "inductor",
+    backend: str | Callable | None = None,
     options: dict[str, Any] | None = None,
 ) -> CompiledLayers:
     """Compile every layer of the towers ``mode`` names, one ``torch.compile`` per layer.
@@ -120,7 +123,8 @@ def compile_layers(
             or not (apply them first: a layer compiled before is traced again when its forwards change).
         family: the model's family; ``family.compile_layers`` says which modules are layers.
         mode: ``"off"``, ``"language"``, ``"vision"`` or ``"both"``.
-        backend: ``torch.compile``'s backend (tests pass ``"aot_eager"`` or a counting backend).
+        backend: ``torch.compile``'s backend; None: :data:`BACKEND` (``"inductor"``). Tests pass ``"aot_eager"`` or
+            a counting backend.
         options: more ``torch.compile`` keyword arguments (``mode="max-autotune-no-cudagraphs"`` ...).
 
     Returns:
@@ -151,7 +155,8 @@ def compile_layers(
             logger.warning("compile=%r: the %s tower stays eager: %s", mode, tower, result.skipped[tower])
             continue
         for name in names:
-            _compile_one(base.get_submodule(name), backend, dict(options or {}, dynamic=_DYNAMIC[tower]))
+            layer_options = dict(options or {}, dynamic=_DYNAMIC[tower])
+            _compile_one(base.get_submodule(name), BACKEND if backend is None else backend, layer_options)
             result._modules.append(base.get_submodule(name))
         result.layers[tower] = names
     if result.layers:
