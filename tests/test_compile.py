@@ -226,3 +226,47 @@ def test_train_with_compile_language_trains_and_evaluates(tiny_qwen, latex_data,
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     assert all(m._compiled_call_impl is None for m in model.modules())
+
+
+def _compiled_matches_eager(model, family, mode, batch, rtol=1e-5, atol=1e-7):
+    """Loss and every trained gradient of ``batch``, compiled (aot_eager) against eager, with no graph break."""
+    want_loss, want_grads = _loss_and_grads(model, batch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = compile_layers(model, family, mode, backend="aot_eager")
+    try:
+        loss, grads = _loss_and_grads(model, batch)
+    finally:
+        compiled.revert()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == want_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.slow  # about 3 minutes in the interpreter on 2 cores
+def test_compiled_gemma_towers_match_eager_with_kernels_and_checkpointing(gemma):
+    model, family, batches = gemma
+    _compiled_matches_eager(model, family, "both", batches[0])
+
+
+@pytest.mark.slow  # about 100 s in the interpreter on 2 cores
+def test_compiled_qlora_matches_eager_on_a_packed_batch(tiny_qwen, tmp_path):
+    from vlmtune.data.packing import PackedCollator
+
+    make_latex_ocr(4, tmp_path, seed=1)
+    rows = load_rows(DataSpec(source_type="parquet", path=str(tmp_path)), "train")
+    set_seed(0)
+    model, processor, family = vlmtune.load(tiny_qwen, quant="nf4", dtype="float32")
+    model = vlmtune.apply_tuning(model, family, vlmtune.TuningConfig(vision="frozen", language="lora"))
+    init_lora_b(model, std=0.05, seed_per_matrix=True)
+    collator = Collator(family, processor, model.config, image_options={"max_pixels": 56 * 56})
+    packed = PackedCollator(collator, attn_implementation=model.config._attn_implementation or "sdpa")
+    batch = packed.pack([collator.encode(rows[i], i) for i in range(3)])
+    patch = apply_kernels(model, family, LANGUAGE_OPS)
+    try:
+        _compiled_matches_eager(model.train(), family, "language", batch, rtol=1e-4, atol=1e-6)
+    finally:
+        patch.revert()

@@ -11,6 +11,12 @@ not 34; the model's own code between layers (masks, embeddings, the vision-to-te
 Python data-dependent branches. vlmtune's kernels are custom ops (:mod:`vlmtune.kernels.ops`), so a patched layer
 traces each kernel as one node.
 
+What keeps the layers on one graph, each a guard dynamo would otherwise fail on the next layer: the forwards vlmtune
+swaps in are ``functools.partial`` objects (:class:`vlmtune.patching.SwappedForward`; dynamo pins a callable
+object by identity, a partial by its function), the kernels' fake functions keep row counts symbolic
+(:func:`vlmtune.kernels.ops.leading_rows`), and the first layer's hidden states, which come from frozen embeddings
+without grad, are given ``requires_grad`` like every later layer's (:func:`_hidden_requiring_grad`).
+
 Which modules are layers is the family's data (``Family.compile_layers``). Sequence lengths change every step
 (padding to the batch's longest sample, packing): the language tower is compiled with dynamic shapes from the
 start, so a new length costs no recompile; the vision tower, whose image sizes are usually fixed, starts static
