@@ -139,13 +139,13 @@ def test_compiled_layers_match_eager_without_graph_breaks(qwen):
     model, family, batches = qwen
     patch = apply_kernels(model, family, LANGUAGE_OPS)
     try:
-        want = [_loss_and_grads(model, b) for b in batches]
+        want = [_loss_and_grads(model, b) for b in batches[:2]]
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         counter = CompileCounterWithBackend("aot_eager")
         compiled = compile_layers(model, family, "language", backend=counter)
         try:
-            got = [_loss_and_grads(model, b) for b in batches]
+            got = [_loss_and_grads(model, b) for b in batches[:2]]
             assert compiled.layers == {"language": [f"model.language_model.layers.{i}" for i in range(2)]}
             assert not torch._dynamo.utils.counters["graph_break"]
             frames = counter.frame_count
