@@ -11,6 +11,12 @@ not 34; the model's own code between layers (masks, embeddings, the vision-to-te
 Python data-dependent branches. vlmtune's kernels are custom ops (:mod:`vlmtune.kernels.ops`), so a patched layer
 traces each kernel as one node.
 
+What keeps the layers on one graph, each a guard dynamo would otherwise fail on the next layer: the forwards vlmtune
+swaps in are ``functools.partial`` objects (:class:`vlmtune.patching.SwappedForward`; dynamo pins a callable
+object by identity, a partial by its function), the kernels' fake functions keep row counts symbolic
+(:func:`vlmtune.kernels.ops.leading_rows`), and the first layer's hidden states, which come from frozen embeddings
+without grad, are given ``requires_grad`` like every later layer's (:func:`_hidden_requiring_grad`).
+
 Which modules are layers is the family's data (``Family.layers``). Sequence lengths change every step
 (padding to the batch's longest sample, packing): the language tower is compiled with dynamic shapes from the
 start, so a new length costs no recompile; the vision tower, whose image sizes are usually fixed, starts static
@@ -44,6 +50,9 @@ MIN_TORCH = Version("2.10")
 # Per tower, torch.compile's `dynamic`: True traces sizes symbolically from the first call; None lets dynamo
 # specialise first and go dynamic on the first change.
 _DYNAMIC = {"language": True, "vision": None}
+# torch.compile's backend when compile_layers is given none (what TrainConfig.compile uses). Tests on the CPU set it
+# to "aot_eager" (monkeypatch), which traces and runs the same graphs with no C++ / Triton code generation.
+BACKEND: str | Callable = "inductor"
 
 
 @dataclasses.dataclass
@@ -78,8 +87,23 @@ class _TrainingGraph:
     def __call__(self, *args, **kwargs):
         module = self.module
         if module.training and torch.is_grad_enabled():
-            return self.compiled(*args, **kwargs)
+            return self.compiled(*_hidden_requiring_grad(args), **kwargs)
         return module._call_impl(*args, **kwargs)
+
+
+def _hidden_requiring_grad(args: tuple) -> tuple:
+    """``args`` with the hidden states (the first positional argument) requiring grad.
+
+    Dynamo guards on ``requires_grad`` of every tensor input: the first layer of a tower whose embeddings are frozen
+    receives hidden states without grad, every later layer with, and the two would be two graphs (and two compiles
+    per new shape). A fresh leaf requiring grad gives the first layer the same graph as the others; it cuts no
+    graph (a tensor without grad has no history) and costs that layer's input gradient, which nothing reads.
+    Transformers' ``enable_input_require_grads`` does the same at the embeddings for the whole model; here it stays
+    on the compiled layers (a frozen vision tower keeps recording nothing).
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(), *args[1:])
+    return args
 
 
 def resolve_compile(mode: str | None, model: torch.nn.Module) -> str:
@@ -95,7 +119,7 @@ def compile_layers(
     family: Family,
     mode: str,
     *,
-    backend: str | Callable = "inductor",
+    backend: str | Callable | None = None,
     options: dict[str, Any] | None = None,
 ) -> CompiledLayers:
     """Compile every layer of the towers ``mode`` names, one ``torch.compile`` per layer.
@@ -105,7 +129,8 @@ def compile_layers(
             or not (apply them first: a layer compiled before is traced again when its forwards change).
         family: the model's family; ``family.layers`` says which modules are layers.
         mode: ``"off"``, ``"language"``, ``"vision"`` or ``"both"``.
-        backend: ``torch.compile``'s backend (tests pass ``"aot_eager"`` or a counting backend).
+        backend: ``torch.compile``'s backend; None: :data:`BACKEND` (``"inductor"``). Tests pass ``"aot_eager"`` or
+            a counting backend.
         options: more ``torch.compile`` keyword arguments (``mode="max-autotune-no-cudagraphs"`` ...).
 
     Returns:
@@ -136,7 +161,8 @@ def compile_layers(
             logger.warning("compile=%r: the %s tower stays eager: %s", mode, tower, result.skipped[tower])
             continue
         for name in names:
-            _compile_one(base.get_submodule(name), backend, dict(options or {}, dynamic=_DYNAMIC[tower]))
+            layer_options = dict(options or {}, dynamic=_DYNAMIC[tower])
+            _compile_one(base.get_submodule(name), BACKEND if backend is None else backend, layer_options)
             result._modules.append(base.get_submodule(name))
         result.layers[tower] = names
     if result.layers:

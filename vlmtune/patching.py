@@ -46,20 +46,35 @@ class Swap:
     installed: SwappedForward
 
 
-class SwappedForward:
-    """A module's instance ``forward``: ``function(module, *args, **kwargs)``.
+class SwappedForward(functools.partial):
+    """A module's instance ``forward``: ``function(module, *args, **kwargs)``, built as
+    ``SwappedForward(function, module, key=...)``.
 
     It advertises the replaced forward's signature, so code that inspects ``model.forward`` (``Trainer`` looking
     for ``num_items_in_batch``, ``generate`` for ``logits_to_keep``) sees what it saw before the swap.
+
+    A ``functools.partial`` rather than an object with a ``__call__``: dynamo guards on the identity of a callable
+    object it meets, so every swapped layer would be a graph of its own under ``torch.compile`` (34 compiles for 34
+    decoder layers); a partial is guarded on its function and arguments, the same for every layer of a tower. The
+    partial's own pickling and copying carry the module and the key.
     """
 
-    __slots__ = ("module", "key", "function")
+    def __new__(cls, function: Callable, module: torch.nn.Module, *, key: str):
+        self = super().__new__(cls, function, module)
+        self.key = key
+        return self
 
-    def __init__(self, module: torch.nn.Module, key: str, function: Callable):
-        self.module, self.key, self.function = module, key, function
+    def __reduce__(self):
+        # partial's reduce rebuilds with type(self)(function) and sets the rest as state; __new__ needs the key.
+        return _rebuild_swapped, (self.func, self.module, self.key)
 
-    def __call__(self, *args, **kwargs):
-        return self.function(self.module, *args, **kwargs)
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.args[0]
+
+    @property
+    def function(self) -> Callable:
+        return self.func
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -67,6 +82,10 @@ class SwappedForward:
 
     def __repr__(self) -> str:
         return f"<forward {self.function.__qualname__} swapped in as {self.key!r} on {type(self.module).__name__}>"
+
+
+def _rebuild_swapped(function: Callable, module: torch.nn.Module, key: str) -> SwappedForward:
+    return SwappedForward(function, module, key=key)
 
 
 def swap_forward(module: torch.nn.Module, key: str, forward: Callable, data: Any = None) -> Callable[[], None]:
@@ -87,7 +106,7 @@ def swap_forward(module: torch.nn.Module, key: str, forward: Callable, data: Any
     """
     if key in module.__dict__:
         raise ValueError(f"{type(module).__name__} already has a forward swapped in as {key!r}; undo it first")
-    installed = SwappedForward(module, key, forward)
+    installed = SwappedForward(forward, module, key=key)
     module.__dict__[key] = Swap(module.forward, data, module.__dict__.get("forward"), installed)
     module.__dict__["forward"] = installed
     return functools.partial(restore, module, key)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from vlmtune.kernels import ops
+from vlmtune.kernels.fc_mlp import FC_MLP, fc_mlp
 from vlmtune.kernels.fused_linear_ce import FUSED_LINEAR_CE, fused_linear_cross_entropy
 from vlmtune.kernels.gated_mlp import GATED_MLP, geglu_tanh, swiglu
+from vlmtune.kernels.layer_norm import LAYER_NORM, layer_norm
 from vlmtune.kernels.lora_linear import LORA_LINEAR, lora_linear, nf4_args
 from vlmtune.kernels.lora_mlp import LORA_GATED_MLP, LoraProjection, lora_gated_mlp
 from vlmtune.kernels.rms_norm import RMS_NORM, rms_norm
@@ -76,6 +78,27 @@ def test_fused_linear_ce_op(device):
     _opcheck(FUSED_LINEAR_CE, (hidden, weight.detach(), labels, -100, None, None, True, "sum", True, False))
 
 
+def test_layer_norm_op(device):
+    x, w, b = _leaf(3, 5, 33, device=device), _leaf(33, device=device, seed=1), _leaf(33, device=device, seed=2)
+    _opcheck(LAYER_NORM, (x, w, b, 1e-6))
+    _opcheck(LAYER_NORM, (x.detach().transpose(0, 1), w.detach(), None, 1e-5))
+
+
+def test_fc_mlp_op(device):
+    # LoRA over an NF4 fc1 and a dense fc2 with biases, then a dense fc1 without LoRA over an NF4 fc2 with it.
+    hidden, inter, rank = 64, 128, 4
+    x = _leaf(3, 5, hidden, device=device)
+    (w1, q1), (w2, q2) = _nf4(inter, hidden, device), _nf4(hidden, inter, device, seed=2)
+    d1, d2 = torch.randn(inter, hidden, device=device) / 8, torch.randn(hidden, inter, device=device) / 11
+    a1, b1 = _leaf(rank, hidden, device=device, seed=3), _leaf(inter, rank, device=device, seed=4)
+    a2, b2 = _leaf(rank, inter, device=device, seed=5), _leaf(hidden, rank, device=device, seed=6)
+    bias1, bias2 = _leaf(inter, device=device, seed=7), _leaf(hidden, device=device, seed=8)
+    tensors, ints = nf4_args([q1, None])
+    _opcheck(FC_MLP, (x, a1, b1, a2, b2, bias1, bias2, [w1, d2], tensors, ints, [2.0, 0.5], "gelu_tanh"))
+    tensors, ints = nf4_args([None, q2])
+    _opcheck(FC_MLP, (x, None, None, a2, b2, None, bias2, [d1, w2], tensors, ints, [0.0, 0.5], "quick_gelu"))
+
+
 def test_varlen_attention_op(device):
     q, k, v = (_leaf(9, 2, 8, device=device, seed=s) for s in range(3))
     _opcheck(VARLEN_ATTENTION, (q, k, v, torch.tensor([0, 4, 4, 9], device=device)))
@@ -99,8 +122,17 @@ def _public_calls(device):
         gate = LoraProjection(weight, state, a, b, 2.0)
         return lora_gated_mlp(x, gate, LoraProjection(weight, state), LoraProjection(wd, qd, ad, bd, 0.5), "silu")
 
+    w1, q1 = _nf4(128, 64, device, seed=11)
+    fc2 = torch.randn(64, 128, device=device) / 11
+    bias = _leaf(64, device=device, seed=12)
+
+    def fc(x, a, b, bias):
+        return fc_mlp(x, LoraProjection(w1, q1), None, LoraProjection(fc2, None, a, b, 0.5), bias, "silu")
+
     return {
         "rms_norm": (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "gemma"), (x, w)),
+        "layer_norm": (lambda x, w: layer_norm(x, w * 0.5, w, 1e-6), (x, w)),
+        "fc_mlp": (fc, (x, _leaf(4, 128, device=device, seed=13), _leaf(64, 4, device=device, seed=14), bias)),
         "rope": (lambda q, k: sum(t.sum() for t in apply_rope(q, k, cos, cos.sin())), (q, k)),
         "gated_mlp": (lambda x, w: geglu_tanh(x, x * w) + swiglu(x, x), (x, w)),
         "lora_linear": (lambda x, a, b: lora_linear(x, weight, state, None, a, b, 0.5), (x, a, b)),
@@ -114,7 +146,18 @@ def _public_calls(device):
 
 
 @pytest.mark.parametrize(
-    "name", ["rms_norm", "rope", "gated_mlp", "lora_linear", "lora_gated_mlp", "fused_linear_ce", "varlen_attention"]
+    "name",
+    [
+        "rms_norm",
+        "layer_norm",
+        "rope",
+        "gated_mlp",
+        "lora_linear",
+        "lora_gated_mlp",
+        "fc_mlp",
+        "fused_linear_ce",
+        "varlen_attention",
+    ],
 )
 def test_compiled_equals_eager_in_one_graph(device, name):
     """fullgraph=True: a graph break anywhere (a Triton launch traced, a host read) fails the compile."""

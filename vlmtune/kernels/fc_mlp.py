@@ -19,9 +19,9 @@ taken at the rounded pre-activation (what autograd saved). The bias goes in afte
 term (one more rounding than PEFT's bias in the GEMM epilogue, within the bf16 tolerance). Backward computes dX,
 the LoRA gradients and bias gradients autograd asks for, never a base-weight gradient.
 
-The Function's arguments are tensors, floats and a string (plus bitsandbytes' ``QuantState`` for NF4, as
-:func:`vlmtune.kernels.lora_linear.lora_linear` takes it), so that registering it as a custom op is a
-mechanical change.
+Eager mode runs the hand-written ``autograd.Function`` (bitsandbytes' ``QuantState`` passed as it is);
+``torch.compile`` traces the same two halves as the custom ops ``vlmtune::fc_mlp`` / ``fc_mlp_backward``
+(:mod:`vlmtune.kernels.ops`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import triton.language as tl
 
 from vlmtune.kernels.gated_mlp import _activation, _sigmoid
 from vlmtune.kernels.launch import fast_launch
-from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference
+from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference, nf4_args, nf4_states
 from vlmtune.kernels.lora_mlp import LoraProjection, check_projection
+from vlmtune.kernels.ops import kernel_op, leading_rows
 
 _BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -161,6 +162,61 @@ def _project(x2d, weight, quant_state, a, b, scale):
     return y.addmm_(xa, b.t(), alpha=scale), xa
 
 
+def _forward_rows(x2d, loras, bases, biases, scales, activation):
+    """``(out, pre, xa1, xa2)`` of ``(N, hidden)`` rows with a unit last stride; ``loras`` already in ``x2d``'s
+    dtype."""
+    (w1, q1), (w2, q2) = bases
+    pre, xa1 = _project(x2d, w1, q1, loras[0], loras[1], scales[0])
+    h = bias_act_forward(pre, biases[0], activation)
+    out, xa2 = _project(h, w2, q2, loras[2], loras[3], scales[1])
+    del h
+    if biases[1] is not None:
+        out += biases[1].to(out.dtype)
+    return out, pre, xa1, xa2
+
+
+def _backward_rows(dout, x2d, pre, xa1, xa2, loras, bases, scales, activation, needs, dtypes):
+    """``[dx, dA1, dB1, dA2, dB2, dbias1, dbias2]`` of ``(N, hidden)`` rows, None where ``needs`` (one flag per
+    entry) is False; ``dtypes`` are those of the six parameters (None for an absent one)."""
+    a1, b1, a2, b2 = loras
+    (w1, q1), (w2, q2) = bases
+    s1, s2 = scales
+    dout = dout.reshape(-1, dout.shape[-1])
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dtype = dout.dtype
+
+    def factor_grad(i, like, left, right, scale):
+        # needs[i] implies that LoRA matrix (and its partner) exists: None inputs never ask for a gradient.
+        return lora_factor_grad(like, left, right, scale, dtypes[i - 1]) if needs[i] else None
+
+    def bias_grad(i, d):
+        return d.sum(0, dtype=torch.float32).to(dtypes[i - 1]) if needs[i] else None
+
+    # fc2: dh = dout @ W2 + s2 (dout @ B2) @ A2. A2's gradient needs h = act(pre), which the epilogue's
+    # backward recomputes below instead of the forward keeping it.
+    dh = dout @ frozen_weight(w2, q2, dtype)
+    dyb2 = None if b2 is None else dout @ b2
+    if a2 is not None:
+        dh.addmm_(dyb2, a2, alpha=s2)
+    h = torch.empty_like(pre) if needs[3] else None
+    dpre = bias_act_backward(dh, pre, activation, out=h)
+    grads = [None] * 7
+    grads[3] = factor_grad(3, a2, dyb2.t() if needs[3] else None, h, s2)
+    grads[4] = factor_grad(4, b2, dout.t(), xa2, s2)
+    grads[6] = bias_grad(6, dout)
+    del h
+    dyb1 = None if b1 is None else dpre @ b1
+    grads[1] = factor_grad(1, a1, dyb1.t() if needs[1] else None, x2d, s1)
+    grads[2] = factor_grad(2, b1, dpre.t(), xa1, s1)
+    grads[5] = bias_grad(5, dpre)
+    if needs[0]:
+        grads[0] = dpre @ frozen_weight(w1, q1, dtype)
+        if a1 is not None:
+            grads[0].addmm_(dyb1, a1, alpha=s1)
+    return grads
+
+
 class _FcMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a1, b1, a2, b2, bias1, bias2, w1, q1, w2, q2, s1, s2, activation):
@@ -168,14 +224,10 @@ class _FcMlpFunction(torch.autograd.Function):
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
         loras = [None if t is None else t.to(x.dtype) for t in (a1, b1, a2, b2)]
-        pre, xa1 = _project(x2d, w1, q1, loras[0], loras[1], s1)
-        h = bias_act_forward(pre, bias1, activation)
-        out, xa2 = _project(h, w2, q2, loras[2], loras[3], s2)
-        del h
-        if bias2 is not None:
-            out += bias2.to(out.dtype)
+        bases = ((w1, q1), (w2, q2))
+        out, pre, xa1, xa2 = _forward_rows(x2d, loras, bases, (bias1, bias2), (s1, s2), activation)
         ctx.save_for_backward(x2d, pre, xa1, xa2, *loras)
-        ctx.bases = ((w1, q1), (w2, q2))
+        ctx.bases = bases
         ctx.scales, ctx.activation = (s1, s2), activation
         ctx.dtypes = [None if t is None else t.dtype for t in (a1, b1, a2, b2, bias1, bias2)]
         ctx.x_shape = x.shape
@@ -183,50 +235,103 @@ class _FcMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x2d, pre, xa1, xa2, a1, b1, a2, b2 = ctx.saved_tensors
-        (w1, q1), (w2, q2) = ctx.bases
-        s1, s2 = ctx.scales
-        needs = ctx.needs_input_grad[1:7]  # A and B of fc1, fc2; the two biases
-        dout = dout.reshape(-1, dout.shape[-1])
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dtype = dout.dtype
+        x2d, pre, xa1, xa2, *loras = ctx.saved_tensors
+        grads = _backward_rows(
+            dout, x2d, pre, xa1, xa2, loras, ctx.bases, ctx.scales, ctx.activation, ctx.needs_input_grad[:7], ctx.dtypes
+        )
+        dx = None if grads[0] is None else grads[0].reshape(ctx.x_shape)
+        return dx, *grads[1:], None, None, None, None, None, None, None
 
-        def factor_grad(i, like, left, right, scale):
-            # needs[i] implies that LoRA matrix (and its partner) exists: None inputs never ask for a gradient.
-            return lora_factor_grad(like, left, right, scale, ctx.dtypes[i]) if needs[i] else None
 
-        def bias_grad(i, d):
-            return d.sum(0, dtype=torch.float32).to(ctx.dtypes[i]) if needs[i] else None
+# The same arithmetic as custom ops, for torch.compile (vlmtune.kernels.ops): the projections come apart into the
+# LoRA factors and biases (the differentiable inputs), the two base weights, their quant states as tensors and
+# ints (vlmtune.kernels.lora_linear.nf4_args) and the scales; the factors are cast again in backward.
+def _op_bases(weights, nf4_tensors, nf4_ints):
+    return tuple(zip(weights, nf4_states(nf4_tensors, nf4_ints), strict=True))
 
-        # fc2: dh = dout @ W2 + s2 (dout @ B2) @ A2. A2's gradient needs h = act(pre), which the epilogue's
-        # backward recomputes below instead of the forward keeping it.
-        dh = dout @ frozen_weight(w2, q2, dtype)
-        dyb2 = None if b2 is None else dout @ b2
-        if a2 is not None:
-            dh.addmm_(dyb2, a2, alpha=s2)
-        h = torch.empty_like(pre) if needs[2] else None
-        dpre = bias_act_backward(dh, pre, ctx.activation, out=h)
-        grads = [
-            None,
-            None,
-            factor_grad(2, a2, dyb2.t() if needs[2] else None, h, s2),
-            factor_grad(3, b2, dout.t(), xa2, s2),
-            None,
-            bias_grad(5, dout),
-        ]
-        del h
-        dyb1 = None if b1 is None else dpre @ b1
-        grads[0] = factor_grad(0, a1, dyb1.t() if needs[0] else None, x2d, s1)
-        grads[1] = factor_grad(1, b1, dpre.t(), xa1, s1)
-        grads[4] = bias_grad(4, dpre)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dpre @ frozen_weight(w1, q1, dtype)
-            if a1 is not None:
-                dx.addmm_(dyb1, a1, alpha=s1)
-            dx = dx.reshape(ctx.x_shape)
-        return dx, *grads, None, None, None, None, None, None, None
+
+def _op_forward(
+    x: torch.Tensor,
+    a1: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    bias1: torch.Tensor | None,
+    bias2: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+    scales: list[float],
+    activation: str,
+) -> list[torch.Tensor]:
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    loras = [None if t is None else t.to(x.dtype) for t in (a1, b1, a2, b2)]
+    bases = _op_bases(weights, nf4_tensors, nf4_ints)
+    out, pre, xa1, xa2 = _forward_rows(x2d, loras, bases, (bias1, bias2), scales, activation)
+    # Residuals: the pre-activation, then x @ A^T of each linear that has LoRA.
+    return [out.reshape(*x.shape[:-1], out.shape[-1]), pre, *(t for t in (xa1, xa2) if t is not None)]
+
+
+def _op_forward_fake(x, a1, b1, a2, b2, bias1, bias2, weights, nf4_tensors, nf4_ints, scales, activation):
+    out_features = [w.shape[0] if nf4_tensors[4 * i] is None else nf4_ints[5 * i + 2] for i, w in enumerate(weights)]
+    rows = leading_rows(x)
+    out = x.new_empty((*x.shape[:-1], out_features[1]))
+    return [
+        out,
+        x.new_empty((rows, out_features[0])),
+        *(x.new_empty((rows, a.shape[0])) for a in (a1, a2) if a is not None),
+    ]
+
+
+def _op_backward(
+    grads: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    needs: list[bool],
+    weights: list[torch.Tensor],
+    nf4_tensors: list[torch.Tensor | None],
+    nf4_ints: list[int],
+    scales: list[float],
+    activation: str,
+) -> list[torch.Tensor]:
+    x, *params = saved[:7]
+    pre, *xas = saved[7:]
+    xas = iter(xas)
+    xa1, xa2 = (None if a is None else next(xas) for a in (params[0], params[2]))
+    loras = [None if t is None else t.to(x.dtype) for t in params[:4]]
+    result = _backward_rows(
+        grads[0],
+        x.reshape(-1, x.shape[-1]).contiguous(),
+        pre,
+        xa1,
+        xa2,
+        loras,
+        _op_bases(weights, nf4_tensors, nf4_ints),
+        scales,
+        activation,
+        needs,
+        [None if t is None else t.dtype for t in params],
+    )
+    if result[0] is not None:
+        result[0] = result[0].reshape(x.shape)
+    return [g for g, needed in zip(result, needs, strict=True) if needed]
+
+
+def _op_backward_fake(grads, saved, needs, weights, nf4_tensors, nf4_ints, scales, activation):
+    like = [None if t is None else t.new_empty(t.shape) for t in saved[:7]]
+    return [g for g, needed in zip(like, needs, strict=True) if needed]
+
+
+FC_MLP = kernel_op(
+    "fc_mlp",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("x", "a1", "b1", "a2", "b2", "bias1", "bias2"),
+    backward_params=("weights", "nf4_tensors", "nf4_ints", "scales", "activation"),
+    differentiable=("x", "a1", "b1", "a2", "b2", "bias1", "bias2"),
+)
 
 
 def _check(x, fc1, bias1, fc2, bias2, activation) -> None:
@@ -266,6 +371,12 @@ def fc_mlp(
         ``(..., out)`` in ``x.dtype``. Gradients flow to ``x``, the LoRA matrices and biases that require one.
     """
     _check(x, fc1, bias1, fc2, bias2, activation)
+    if torch.compiler.is_compiling():
+        loras = (fc1.lora_A, fc1.lora_B, fc2.lora_A, fc2.lora_B)
+        nf4_tensors, nf4_ints = nf4_args([fc1.quant_state, fc2.quant_state])
+        scales = [float(fc1.scale), float(fc2.scale)]
+        weights = [fc1.weight, fc2.weight]
+        return FC_MLP.compiled(x, *loras, bias1, bias2, weights, nf4_tensors, nf4_ints, scales, activation)[0]
     return _FcMlpFunction.apply(
         x,
         fc1.lora_A,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch, row_num_warps, row_programs
+from vlmtune.kernels.ops import kernel_op, leading_rows
 
 
 def _rows_per_tile(block: int) -> int:
@@ -126,34 +127,84 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
+def _forward_rows(x2d, weight, bias, eps):
+    """``(y, mean, rstd)`` of ``(N, H)`` rows with a unit last stride."""
+    n_rows, n_cols = x2d.shape
+    y = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+    block = triton.next_power_of_2(n_cols)
+    tile = _rows_per_tile(block)
+    if n_rows > 0:
+        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, tile),)](
+            x2d,
+            weight,
+            weight if bias is None else bias,  # an unused pointer without bias
+            y,
+            mean,
+            rstd,
+            x2d.stride(0),
+            y.stride(0),
+            n_rows,
+            n_cols,
+            eps,
+            HAS_BIAS=bias is not None,
+            ROWS=tile,
+            BLOCK=block,
+            num_warps=row_num_warps(block),
+        )
+    return y, mean, rstd
+
+
+def _backward_rows(dy, x2d, weight, mean, rstd, compute_dw, bias_dtype):
+    """``(dx, dw, db)`` for ``(N, H)`` rows: ``dw`` None unless ``compute_dw``, ``db`` None unless ``bias_dtype``
+    (the bias's dtype, when the bias wants a gradient)."""
+    n_rows, n_cols = x2d.shape
+    dy2d = _rows(dy)
+    compute_db = bias_dtype is not None
+    dx = torch.empty_like(x2d)
+    n_programs = row_programs(n_rows, x2d.device)
+    # Unused (1, 1) stand-ins for the partials nobody asked for.
+    dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1, 1), dtype=torch.float32, device=x2d.device)
+    db_partial = torch.empty((n_programs, n_cols) if compute_db else (1, 1), dtype=torch.float32, device=x2d.device)
+    block = triton.next_power_of_2(n_cols)
+    tile = _rows_per_tile(block)
+    if n_rows > 0:
+        _layer_norm_bwd_kernel[(n_programs,)](
+            dy2d,
+            x2d,
+            weight,
+            mean,
+            rstd,
+            dx,
+            dw_partial,
+            db_partial,
+            dy2d.stride(0),
+            x2d.stride(0),
+            dx.stride(0),
+            n_rows,
+            n_cols,
+            triton.cdiv(triton.cdiv(n_rows, n_programs), tile) * tile,
+            COMPUTE_DW=compute_dw,
+            COMPUTE_DB=compute_db,
+            ROWS=tile,
+            BLOCK=block,
+            num_warps=row_num_warps(block),
+        )
+    dw = db = None
+    if compute_dw:
+        dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+    if compute_db:
+        db = db_partial.sum(0) if n_rows > 0 else torch.zeros(n_cols, device=x2d.device)
+        db = db.to(bias_dtype)
+    return dx, dw, db
+
+
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         x2d = _rows(x)
-        n_rows, n_cols = x2d.shape
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n_cols)
-        tile = _rows_per_tile(block)
-        if n_rows > 0:
-            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, tile),)](
-                x2d,
-                weight,
-                weight if bias is None else bias,  # an unused pointer without bias
-                y,
-                mean,
-                rstd,
-                x2d.stride(0),
-                y.stride(0),
-                n_rows,
-                n_cols,
-                eps,
-                HAS_BIAS=bias is not None,
-                ROWS=tile,
-                BLOCK=block,
-                num_warps=row_num_warps(block),
-            )
+        y, mean, rstd = _forward_rows(x2d, weight, bias, eps)
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -162,45 +213,47 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, mean, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2d.shape
-        dy2d = _rows(dy)
-        compute_dw, compute_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx = torch.empty_like(x2d)
-        n_programs = row_programs(n_rows, x2d.device)
-        # Unused (1, 1) stand-ins for the partials nobody asked for.
-        dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1, 1), dtype=torch.float32, device=x2d.device)
-        db_partial = torch.empty((n_programs, n_cols) if compute_db else (1, 1), dtype=torch.float32, device=x2d.device)
-        block = triton.next_power_of_2(n_cols)
-        tile = _rows_per_tile(block)
-        if n_rows > 0:
-            _layer_norm_bwd_kernel[(n_programs,)](
-                dy2d,
-                x2d,
-                weight,
-                mean,
-                rstd,
-                dx,
-                dw_partial,
-                db_partial,
-                dy2d.stride(0),
-                x2d.stride(0),
-                dx.stride(0),
-                n_rows,
-                n_cols,
-                triton.cdiv(triton.cdiv(n_rows, n_programs), tile) * tile,
-                COMPUTE_DW=compute_dw,
-                COMPUTE_DB=compute_db,
-                ROWS=tile,
-                BLOCK=block,
-                num_warps=row_num_warps(block),
-            )
-        dw = db = None
-        if compute_dw:
-            dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
-        if compute_db:
-            db = db_partial.sum(0) if n_rows > 0 else torch.zeros(n_cols, device=x2d.device)
-            db = db.to(ctx.bias_dtype)
+        bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
+        dx, dw, db = _backward_rows(dy, x2d, weight, mean, rstd, ctx.needs_input_grad[1], bias_dtype)
         return dx.reshape(ctx.x_shape), dw, db, None
+
+
+# The same launches as custom ops, for torch.compile (vlmtune.kernels.ops).
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> list[torch.Tensor]:
+    y, mean, rstd = _forward_rows(_rows(x), weight, bias, eps)
+    return [y.reshape(x.shape), mean, rstd]
+
+
+def _op_forward_fake(x, weight, bias, eps):
+    rows = leading_rows(x)
+    stats = [x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)]
+    return [x.new_empty(x.shape), *stats]
+
+
+def _op_backward(grads: list[torch.Tensor], saved: list[torch.Tensor | None], needs: list[bool]) -> list[torch.Tensor]:
+    x, weight, bias, mean, rstd = saved
+    bias_dtype = bias.dtype if needs[2] else None
+    dx, dw, db = _backward_rows(grads[0], _rows(x), weight, mean, rstd, needs[1], bias_dtype)
+    # dx is computed either way (the kernel writes it); it is returned only when asked for.
+    return [g for g, needed in zip((dx.reshape(x.shape), dw, db), needs, strict=True) if needed]
+
+
+def _op_backward_fake(grads, saved, needs):
+    x, weight, bias, _, _ = saved
+    like = (x.new_empty(x.shape), torch.empty_like(weight), None if bias is None else torch.empty_like(bias))
+    return [g for g, needed in zip(like, needs, strict=True) if needed]
+
+
+LAYER_NORM = kernel_op(
+    "layer_norm",
+    forward=_op_forward,
+    backward=_op_backward,
+    forward_fake=_op_forward_fake,
+    backward_fake=_op_backward_fake,
+    outputs=1,
+    save_inputs=("x", "weight", "bias"),
+    differentiable=("x", "weight", "bias"),
+)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -222,6 +275,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         ``(..., H)`` in ``x.dtype``. Gradients flow to ``x``, and to ``weight`` / ``bias`` where they require one.
     """
     _check(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return LAYER_NORM.compiled(x, weight, bias, float(eps))[0]
     return _LayerNormFunction.apply(x, weight, bias, float(eps))
 
 

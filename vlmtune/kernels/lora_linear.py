@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch
-from vlmtune.kernels.ops import kernel_op
+from vlmtune.kernels.ops import kernel_op, leading_rows
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023, appendix E), as bitsandbytes stores them in fp32.
 NF4_LEVELS = (
@@ -392,7 +392,7 @@ def _op_forward(
 
 def _op_forward_fake(x, weight, bias, lora_a, lora_b, scale, nf4_tensors, nf4_ints):
     out_features = weight.shape[0] if nf4_tensors[0] is None else nf4_ints[2]
-    rows = x.shape[:-1].numel()
+    rows = leading_rows(x)
     return [x.new_empty((*x.shape[:-1], out_features)), x.new_empty((rows, lora_a.shape[0]))]
 
 

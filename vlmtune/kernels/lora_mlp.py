@@ -35,7 +35,7 @@ from vlmtune.kernels.lora_linear import (
     nf4_args,
     nf4_states,
 )
-from vlmtune.kernels.ops import kernel_op
+from vlmtune.kernels.ops import kernel_op, leading_rows
 
 _REFERENCE_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -190,7 +190,7 @@ def _op_forward(
 
 def _op_forward_fake(x, ag, bg, au, bu, ad, bd, weights, nf4_tensors, nf4_ints, scales, activation):
     out_features = [w.shape[0] if nf4_tensors[4 * i] is None else nf4_ints[5 * i + 2] for i, w in enumerate(weights)]
-    rows = x.shape[:-1].numel()
+    rows = leading_rows(x)
     out = x.new_empty((*x.shape[:-1], out_features[2]))
     inter = [x.new_empty((rows, out_features[0])), x.new_empty((rows, out_features[1]))]
     return [out, *inter, *(x.new_empty((rows, a.shape[0])) for a in (ag, au, ad) if a is not None)]

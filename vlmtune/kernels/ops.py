@@ -34,6 +34,7 @@ strides; the forward never depends on ``requires_grad`` (pass such a flag as a p
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,15 @@ from typing import Any
 import torch
 
 NAMESPACE = "vlmtune"
+
+
+def leading_rows(x: torch.Tensor) -> int:
+    """The number of rows of ``x`` seen as ``(rows, x.shape[-1])``, for fake functions.
+
+    ``torch.Size.numel()`` turns symbolic sizes into constants (dynamo then guards on every length it saw, and a
+    new sequence length recompiles the layer); a product of the sizes stays symbolic.
+    """
+    return math.prod(x.shape[:-1])
 
 
 @dataclass

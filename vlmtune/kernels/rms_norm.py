@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from vlmtune.kernels.launch import fast_launch, row_num_warps, row_programs
-from vlmtune.kernels.ops import kernel_op
+from vlmtune.kernels.ops import kernel_op, leading_rows
 
 _CASTINGS = ("llama", "gemma")
 
@@ -190,7 +190,7 @@ def _op_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
 
 def _op_forward_fake(x, weight, eps, offset, gemma):
     dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-    return [x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)]
+    return [x.new_empty(x.shape, dtype=dtype), x.new_empty(leading_rows(x), dtype=torch.float32)]
 
 
 def _op_backward(
