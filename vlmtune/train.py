@@ -17,8 +17,7 @@ import torch
 from vlmtune.compile import COMPILE_TOWERS, compile_layers, resolve_compile
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.data.host import TimedCollate, collate_time_callback, dataloader_arguments
-from vlmtune.distributed import fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
-from vlmtune.distributed.rank0_load import check_loaded
+from vlmtune.distributed import check_loaded, fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
 from vlmtune.families import Family
 from vlmtune.step_probe import check_step_config, resolve_step_size
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
