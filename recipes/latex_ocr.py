@@ -73,7 +73,10 @@ class LatexOcrConfig:
 def main(config: LatexOcrConfig) -> dict:
     """Load, tune, train (evaluating on held-out test rows), export; return the losses and final metrics."""
     config.training.output_dir = config.out
-    model, processor, family = vlmtune.load(config.model, quant=config.quant, dtype=config.dtype)
+    empty = config.training.distributed == "fsdp"  # FSDP2: rank 0 reads the weights, the rest start empty
+    model, processor, family = vlmtune.load(
+        config.model, quant=config.quant, dtype=config.dtype, empty_on_other_ranks=empty
+    )
     model = vlmtune.apply_tuning(model, family, config.tuning)
     train_rows = vlmtune.load_rows(config.spec, split="train", path=config.data)
     test_rows = held_out_rows(config)

@@ -1,12 +1,13 @@
 """One rank of the two-process CPU runs in ``tests/test_distributed.py`` (gloo backend): several runs in one launch.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py --out OUT_DIR \\
-        --job NAME:MODEL_DIR:QUANT:MODE[:GRAD_ACCUM] ...
+        --job NAME:MODEL_DIR:QUANT:MODE[:GRAD_ACCUM] ...   (MODE: ddp, fsdp, or fsdp-rank0: rank 1 loads empty)
 
 Each ``--job`` trains LoRA on both towers for 3 steps over a global batch of 4 rows (``GRAD_ACCUM`` micro-steps of
 ``4 / GRAD_ACCUM``) drawn from text-only and image rows shuffled together (:func:`mixed_rows`: their answers differ
 in length, so how the loss is normalised over tokens shows), then writes ``OUT_DIR/NAME/rank<N>.pt`` (per-step
-losses, the LoRA weights gathered whole) and exports the adapter to ``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR``
+losses, the LoRA weights gathered whole, where the parameters were before sharding, whether the output embedding
+is still tied to the input embedding) and exports the adapter to ``OUT_DIR/NAME/export``. ``--mixed MODEL_DIR``
 adds a FSDP2 run where rank 0 has only text rows and rank 1 only image rows, its eval loss on held-out rows
 computed sharded before and after training; ``--resume MODEL_DIR`` adds a FSDP2
 run of 4 steps checkpointed at step 2, then a fresh model resumed from that checkpoint to step 4
@@ -33,11 +34,20 @@ def mixed_rows() -> list[dict]:
     return [row for pair in zip(rows(with_images=True), rows(with_images=False), strict=True) for row in pair]
 
 
-def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=None, **overrides):
-    """Load, tune and train one run; return ``(result, model, processor)``."""
-    model, processor, family = vlmtune.load(model_dir, quant=quant)
+def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=None, loaded=None, **overrides):
+    """Load, tune and train one run; return ``(result, model, processor)``.
+
+    ``mode`` ``"fsdp-rank0"`` is FSDP2 with the model loaded empty on rank 1 (``empty_on_other_ranks``); then
+    ``loaded`` (a dict) receives where this rank's tuned parameters were just before sharding.
+    """
+    empty = mode == "fsdp-rank0"
+    model, processor, family = vlmtune.load(model_dir, quant=quant, empty_on_other_ranks=empty)
     tuning = vlmtune.TuningConfig(vision="lora", language="lora")
     model = vlmtune.apply_tuning(model, family, tuning)
+    if loaded is not None:
+        loaded["devices"] = sorted({p.device.type for p in model.parameters()})
+        loaded["lora_devices"] = sorted({p.device.type for n, p in model.named_parameters() if ".lora_" in n})
+    mode = "fsdp" if empty else mode
     settings = dict(output_dir=str(out), max_steps=3, batch_size=4, lr=1e-2, logging_steps=1, report=False)
     config = vlmtune.TrainConfig(distributed=mode, **{**settings, **overrides})
     return vlmtune.train(model, processor, family, data, config, tuning, callbacks), model, processor
@@ -67,10 +77,13 @@ def main() -> None:
     for spec in args.job:
         name, model_dir, quant, mode, *accum = spec.split(":")
         steps = dict(grad_accum=int(accum[0]), batch_size=4 // int(accum[0])) if accum else {}
-        result, model, processor = run(model_dir, quant, mode, out / name, mixed_rows(), **steps)
+        loaded = {}
+        result, model, processor = run(model_dir, quant, mode, out / name, mixed_rows(), loaded=loaded, **steps)
         state = lora(model)
         vlmtune.export(model, processor, out / name / "export")
-        torch.save({"losses": result.losses, "lora": state}, out / name / f"rank{RANK}.pt")
+        embeddings = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        saved = {"losses": result.losses, "lora": state, "loaded": loaded, "tied": embeddings[0] is embeddings[1]}
+        torch.save(saved, out / name / f"rank{RANK}.pt")
     if args.mixed:
         held_out = dict(eval_rows=mixed_rows()[:6], eval_samples=0)  # the eval loss, sharded, before and after
         result, model, _ = run(args.mixed, "none", "fsdp", out / "mixed", rows(with_images=RANK == 1), **held_out)

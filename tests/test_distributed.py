@@ -9,6 +9,7 @@ One launch runs every job (a process start and the imports cost more than a tiny
 that a hang fails instead of stalling CI.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import torch
 import vlmtune
 from vlmtune.distributed import per_device_batch, resolve_mode
 from vlmtune.distributed.fsdp import check_shardable
+from vlmtune.distributed.rank0_load import check_loaded
 from vlmtune.distributed.setup import check_fsdp_eval
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -36,6 +38,7 @@ JOBS = {  # name: (family, quant, mode[, gradient accumulation steps of the 4 ro
     "gemma_lora_fsdp": ("gemma3", "none", "fsdp"),
     "gemma_qlora_ddp": ("gemma3", "nf4", "ddp"),
     "gemma_qlora_fsdp": ("gemma3", "nf4", "fsdp"),
+    "gemma_lora_fsdp_rank0": ("gemma3", "none", "fsdp-rank0"),  # rank 1 loads empty, filled from rank 0
 }
 # fp32 on the CPU: the losses agree to ~1e-7. The weights agree as closely but for a few single elements: rows of
 # different lengths are padded differently in a 2-row half-batch (or a 1-row micro-step) than in the 4-row batch,
@@ -117,6 +120,37 @@ def test_the_export_loads_in_plain_peft_with_the_single_process_logits(launch, s
         want = trained.eval()(input_ids=input_ids).logits
         got = exported(input_ids=input_ids).logits
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_fsdp_with_rank_1_loaded_empty_trains_as_when_every_rank_loads(launch):
+    # Gemma-3: a tied lm_head, rotary inv_freq and embed_scale buffers outside the state dict; any of them
+    # left as to_empty's garbage on rank 1 would move every loss.
+    empty, whole = _ranks(launch / "gemma_lora_fsdp_rank0"), _ranks(launch / "gemma_lora_fsdp")
+    assert empty[1]["loaded"] == {"devices": ["meta"], "lora_devices": ["meta"]}  # nothing materialised on rank 1
+    assert empty[0]["loaded"] == {"devices": ["cpu"], "lora_devices": ["cpu"]}
+    assert empty[1]["tied"] and empty[0]["tied"]  # lm_head still is the embedding after sharding and to_empty
+    assert empty[0]["losses"] == whole[0]["losses"] and empty[1]["losses"] == whole[1]["losses"]
+    assert sorted(empty[0]["lora"]) == sorted(whole[0]["lora"])
+    for name, value in whole[0]["lora"].items():
+        # The same numbers as every rank loading: rank 0's LoRA init and weights reach rank 1 bit for bit.
+        assert torch.equal(empty[0]["lora"][name], value) and torch.equal(empty[1]["lora"][name], value), name
+
+
+def test_only_ranks_above_0_of_a_launch_load_empty_and_only_fsdp_trains_them(tiny_qwen, monkeypatch, caplog):
+    model, _, _ = vlmtune.load(tiny_qwen, empty_on_other_ranks=True)
+    assert not any(p.is_meta for p in model.parameters())  # one process: nothing to fill it from
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level(logging.INFO, logger="vlmtune.loading"):
+        model, _, _ = vlmtune.load(tiny_qwen, quant="nf4", empty_on_other_ranks=True)
+    assert not any(p.is_meta for p in model.parameters())
+    assert "quantised weights load on every rank" in caplog.text
+    monkeypatch.setenv("RANK", "1")
+    model, _, _ = vlmtune.load(tiny_qwen, empty_on_other_ranks=True)
+    assert all(p.is_meta for p in model.parameters()) and not model.training
+    check_loaded(model, "fsdp")
+    with pytest.raises(ValueError, match=r"loaded empty .* only distributed='fsdp' fills from rank 0.*'ddp'"):
+        check_loaded(model, "ddp")
 
 
 def test_a_text_only_rank_and_an_image_rank_train_together_under_fsdp(launch):

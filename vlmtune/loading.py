@@ -15,6 +15,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from vlmtune.distributed.rank0_load import empty_load_refusal, empty_model
 from vlmtune.families import Family, detect
 from vlmtune.hub import hub_snapshot, is_hub_id
 
@@ -112,6 +113,20 @@ def _quant_storage(name: str, dtype: torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def _loads_empty(family: Family, quantised: bool) -> bool:
+    """Whether this rank builds an empty model: under a launcher of several processes, on ranks above 0."""
+    from vlmtune.distributed.launch import launched_world_size, rank
+
+    if launched_world_size() <= 1:
+        return False
+    refusal = empty_load_refusal(family, quantised)
+    if refusal is not None:
+        if rank() == 0:
+            logger.info("empty_on_other_ranks: %s", refusal)
+        return False
+    return rank() > 0
+
+
 def load(
     path: str | Path,
     quant: str = "none",
@@ -119,6 +134,7 @@ def load(
     device: str | None = None,
     attn_implementation: str = "sdpa",
     quant_storage: str = "auto",
+    empty_on_other_ranks: bool = False,
 ):
     """Load a checkpoint folder for fine-tuning.
 
@@ -135,6 +151,11 @@ def load(
         quant_storage: dtype that holds the packed NF4 values: ``"auto"`` is the compute dtype under a launcher of
             several processes (what FSDP2 can shard; DDP takes it too) and ``uint8`` in one process;
             ``"uint8"`` or a name of :data:`DTYPES` forces one.
+        empty_on_other_ranks: under a launcher of several processes, build the model on the meta device on every
+            rank but 0 (no weight read or allocated there) for ``TrainConfig(distributed="fsdp")`` to fill from
+            rank 0 once sharded (:mod:`vlmtune.distributed.rank0_load`). Quantised models, and families with
+            their own loader, still load on every rank (logged). Off by default: an empty model trains only
+            under FSDP2.
 
     Returns:
         ``(model, processor, family)``.
@@ -155,8 +176,12 @@ def load(
     if quant != "none" and not _is_prequantized(path):
         storage = _quant_storage(quant_storage, torch_dtype)
         kwargs["quantization_config"] = quantization_config(family, quant, torch_dtype, storage)
-    loader = family.load_model or AutoModelForImageTextToText.from_pretrained
-    model = loader(path, **kwargs)
+    if empty_on_other_ranks and _loads_empty(family, "quantization_config" in kwargs or _is_prequantized(path)):
+        model = empty_model(path, torch_dtype, attn_implementation)
+        device = "meta"
+    else:
+        loader = family.load_model or AutoModelForImageTextToText.from_pretrained
+        model = loader(path, **kwargs)
     if is_hub_id(given) and not Path(given).is_dir():
         model.name_or_path = given  # what an export records as its base: the hub id holds on any machine
     processor = (family.load_processor or AutoProcessor.from_pretrained)(path)

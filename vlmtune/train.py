@@ -17,7 +17,7 @@ import torch
 from vlmtune.compile import COMPILE_TOWERS, compile_layers, resolve_compile
 from vlmtune.data.collator import Collator, PreparedDataset
 from vlmtune.data.host import TimedCollate, collate_time_callback, dataloader_arguments
-from vlmtune.distributed import fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
+from vlmtune.distributed import check_loaded, fsdp_trainer, launched_world_size, per_device_batch, resolve_mode
 from vlmtune.families import Family
 from vlmtune.step_probe import check_step_config, resolve_step_size
 from vlmtune.train_eval import KernelSwitch, attach, check_best_metric, eval_arguments, prepare_eval
@@ -413,6 +413,7 @@ def train(
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     mode, per_device = resolve_mode(config.distributed, launched_world_size()), per_device_batch(config)
+    check_loaded(model, mode)  # a rank loaded empty trains only under FSDP2, which fills it from rank 0
     find_unused = mode == "ddp" and find_unused_parameters(model, family, tuning)
     args = _training_arguments(per_device, dtype, find_unused, eval_dataset is not None)
     # Before the Trainer exists (it creates the output folder): a resume that cannot work stops here.

@@ -23,6 +23,8 @@ Choices, and why:
   all-gather hands it a plain tensor. Nothing is upcast (no ``prepare_model_for_kbit_training``).
 - **Activation checkpointing** (non-reentrant, set by :mod:`vlmtune.tuning`) composes: a checkpointed layer's
   recompute goes through the layer's ``__call__``, so its unit all-gathers again in the backward.
+- **Memory-efficient loading.** Ranks loaded empty (``vlmtune.load(..., empty_on_other_ranks=True)``) are
+  sharded like rank 0, then filled from rank 0's whole state dict (:mod:`vlmtune.distributed.rank0_load`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from vlmtune.distributed.rank0_load import any_rank_empty, load_from_rank0, materialise_device
 from vlmtune.families.base import Family
 
 logger = logging.getLogger(__name__)
@@ -160,7 +163,10 @@ def shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     check_shardable(model, family)
-    device = next(model.parameters()).device
+    empty = any_rank_empty(model)  # loaded with empty_on_other_ranks: filled from rank 0 once sharded
+    # Rank 0's whole weights, kept by reference while sharding replaces its parameters by shards.
+    full_state = model.state_dict() if empty and torch.distributed.get_rank() == 0 else {}
+    device = materialise_device(model)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -171,6 +177,8 @@ def shard(
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     root = ShardedModel(model, probe, family.towers["language"][0])
     fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if empty:
+        load_from_rank0(root, model, full_state)
     logger.info(
         "FSDP2: %d layer units + root over %d processes (param %s, reduce fp32)", len(units), mesh.size(), dtype
     )
