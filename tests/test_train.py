@@ -205,10 +205,10 @@ def test_held_out_rows_are_checked_and_their_loss_evaluated(tiny_qwen, latex_dat
 
 
 def test_trainer_args_pass_through_and_conflicts_are_refused():
-    from vlmtune.train import _training_arguments
+    from vlmtune.training_args import training_arguments
 
     config = vlmtune.TrainConfig(trainer_args={"torch_empty_cache_steps": 3, "lr_scheduler_kwargs": {"power": 2.0}})
-    args = _training_arguments(config, torch.float32, find_unused=False)
+    args = training_arguments(config, torch.float32, find_unused=False)
     assert args.torch_empty_cache_steps == 3 and args.lr_scheduler_kwargs == {"power": 2.0}
     with pytest.raises(ValueError, match=r"trainer_args\['learning_rate'\] conflicts .*set TrainConfig.lr instead"):
         vlmtune.TrainConfig(trainer_args={"learning_rate": 1e-3})
