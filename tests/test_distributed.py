@@ -11,8 +11,6 @@ that a hang fails instead of stalling CI.
 
 import logging
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from vlmtune.distributed import per_device_batch, resolve_mode
 from vlmtune.distributed.fsdp import check_shardable
 from vlmtune.distributed.rank0_load import check_loaded
 from vlmtune.distributed.setup import check_fsdp_eval
+from vlmtune.testing import run_two_processes
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # The single-process references run the worker's own code in this process (tests/ is not a package).
@@ -52,22 +51,11 @@ WEIGHT_ATOL, WEIGHT_MEAN_ATOL = 2e-4, 1e-6
 @pytest.fixture(scope="module")
 def launch(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
-    command += ["--out", str(out), "--mixed", str(tiny_checkpoint("qwen2_5_vl"))]
+    command = ["--out", str(out), "--mixed", str(tiny_checkpoint("qwen2_5_vl"))]
     command += ["--resume", str(tiny_checkpoint("qwen2_5_vl"))]
     for name, (family, quant, mode, *accum) in JOBS.items():
         command += ["--job", ":".join([name, str(tiny_checkpoint(family)), quant, mode, *map(str, accum)])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks share the new session's group
-        output, _ = process.communicate()
-        pytest.fail(f"two-process training hung (killed after 420 s):\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
+    run_two_processes(str(WORKER), command, timeout=420)
     return out
 
 

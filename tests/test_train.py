@@ -1,9 +1,5 @@
 """The shared trainer: loss falls, LoRA moves, frozen weights stay bit-identical, data errors stop early."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ import torch
 import vlmtune
 from vlmtune.data.collator import Collator
 from vlmtune.data.schema import DataError
+from vlmtune.testing import run_two_processes
 from vlmtune.train import find_unused_parameters, make_optimizer
 
 WORKER = Path(__file__).with_name("train_ddp_worker.py")
@@ -159,19 +156,7 @@ def test_ddp_looks_for_unused_parameters_only_when_a_tower_can_be_skipped(tiny_q
 def test_two_process_training_with_a_text_only_rank(tiny_qwen, tmp_path):
     # Rank 0 sees only text-only rows, rank 1 only image rows (tests/train_ddp_worker.py): rank 0 never runs the
     # vision tower. Without find_unused_parameters DDP waits forever at the first step; a hang fails here.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(WORKER), "--model", str(tiny_qwen), "--out", str(tmp_path), "--steps", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks share the new session's group
-        output, _ = process.communicate()
-        pytest.fail(f"two-process training hung (killed after 150 s):\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
+    run_two_processes(str(WORKER), ["--model", str(tiny_qwen), "--out", str(tmp_path), "--steps", "3"], timeout=150)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     names = sorted(ranks[0]["after"])
     assert len(names) == 2 * 5 * 2  # 2 vision blocks x (qkv, proj, gate, up, down) x (A, B)

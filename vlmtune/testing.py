@@ -6,6 +6,11 @@ batch = collate(collator, (single("Read it.", "x^{2}"), [noise((64, 32))]))
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from PIL import Image
@@ -52,3 +57,26 @@ def single(question: str, answer: str, n_images: int = 1) -> list[dict]:
 def collate(collator, *rows):
     """Collate ``(messages, images)`` pairs as dataset items numbered from 0."""
     return collator([{"index": i, "row": {"messages": m, "images": imgs}} for i, (m, imgs) in enumerate(rows)])
+
+
+def run_two_processes(script: str, args: list[str], timeout: float) -> str:
+    """Run ``script`` under ``torchrun --standalone --nproc-per-node 2`` (one thread each); its output.
+
+    Raises:
+        TimeoutError: past ``timeout`` seconds (a hung collective): torchrun and both ranks are killed first.
+        RuntimeError: on a non-zero exit, with the end of the output.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks share the new session's group
+        output, _ = process.communicate()
+        raise TimeoutError(f"two-process run hung (killed after {timeout:.0f} s):\n{output[-3000:]}") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"two-process run exited {process.returncode}:\n{output[-3000:]}")
+    return output
