@@ -214,3 +214,14 @@ def test_an_accelerate_fsdp_config_selects_vlmtunes_fsdp2(monkeypatch):
     assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # accelerate stays the launcher, its plugin off
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert (resolve_mode("auto", 2), resolve_mode("auto", 1), resolve_mode("fsdp", 1)) == ("ddp", "none", "fsdp")
+
+
+def test_the_command_line_trains_and_exports_under_torchrun(tiny_qwen, latex_data, tmp_path):
+    """``vlmtune train`` as users launch it, FSDP2 over 2 processes: one export, the summary printed once."""
+    out = tmp_path / "out"
+    args = ["vlmtune.cli", "train", "--model", str(tiny_qwen), "--data", str(latex_data), "--out", str(out)]
+    args += ["--max-steps", "2", "--batch-size", "2", "--eval-samples", "0", "--distributed", "fsdp"]
+    output = run_two_processes("-m", args, timeout=300)
+    assert output.count("first loss") == 1  # rank 0 alone reports
+    assert (out / "adapter_model.safetensors").exists() and (out / "processor_config.json").exists()
+    assert not list(out.glob("*.tmp"))
