@@ -143,17 +143,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> LatexO
 
 
 if __name__ == "__main__":
-    # force: under `vlmtune train` the CLI has already set WARNING; the recipe says what it does at INFO.
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    from vlmtune.distributed import is_main
+
+    # force: under `vlmtune train` the CLI has already set WARNING; the recipe says what it does at INFO (under a
+    # launcher, rank 0 does; the others say only what goes wrong).
+    level = logging.INFO if is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     cfg = parse_args()
     logger.info("config: %s", dataclasses.asdict(cfg))
     try:
         summary = main(cfg)
     except (ResumeError, NoCheckpointError, OutputWriteError) as err:
         sys.exit(f"error: {err}")  # the message says what to do; a traceback would only bury it
-    if summary["losses"]:
+    if is_main() and summary["losses"]:
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
-    if "metrics" in summary:
+    if is_main() and "metrics" in summary:
         print("test metrics:", {k: round(v, 4) for k, v in summary["metrics"].items()})
-    if cfg.training.report:
+    if is_main() and cfg.training.report:
         print(f"report: {cfg.out}/report.html")

@@ -221,7 +221,8 @@ def test_the_command_line_trains_and_exports_under_torchrun(tiny_qwen, latex_dat
     out = tmp_path / "out"
     args = ["vlmtune.cli", "train", "--model", str(tiny_qwen), "--data", str(latex_data), "--out", str(out)]
     args += ["--max-steps", "2", "--batch-size", "2", "--eval-samples", "0", "--distributed", "fsdp"]
-    output = run_two_processes("-m", args, timeout=300)
-    assert output.count("first loss") == 1  # rank 0 alone reports
+    output = run_two_processes("-m", [*args, "--logging-steps", "1"], timeout=300)
+    # Rank 0 alone reports and logs where the export went.
+    assert output.count("first loss") == output.count("report: ") == output.count("exported adapter") == 1
     assert (out / "adapter_model.safetensors").exists() and (out / "processor_config.json").exists()
     assert not list(out.glob("*.tmp"))

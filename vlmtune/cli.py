@@ -91,10 +91,13 @@ def _make_data(args: argparse.Namespace) -> None:
 
 
 def _train(argv: list[str]) -> None:
+    from vlmtune.distributed import is_main
     from vlmtune.recipes import latex_ocr
 
     config = latex_ocr.parse_args(argv, prog="vlmtune train")
     summary = latex_ocr.main(config)
+    if not is_main():
+        return
     if summary["losses"]:
         print(f"first loss {summary['losses'][0]:.4f}, last loss {summary['losses'][-1]:.4f}")
     if "metrics" in summary:
@@ -278,8 +281,11 @@ def configure_logging() -> None:
     import datasets
     from transformers.utils import logging as transformers_logging
 
+    from vlmtune.distributed import is_main
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vlmtune").setLevel(logging.INFO)
+    # Under a launcher the other processes say only what goes wrong: one run, one account of it.
+    logging.getLogger("vlmtune").setLevel(logging.INFO if is_main() else logging.WARNING)
     transformers_logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
