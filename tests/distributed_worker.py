@@ -38,9 +38,12 @@ def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=
     """Load, tune and train one run; return ``(result, model, processor)``.
 
     ``mode`` ``"fsdp-rank0"`` is FSDP2 with the model loaded empty on rank 1 (``empty_on_other_ranks``); then
-    ``loaded`` (a dict) receives where this rank's tuned parameters were just before sharding.
+    ``loaded`` (a dict) receives where this rank's tuned parameters were just before sharding. ``"fsdp-kernels"``
+    is FSDP2 with vlmtune's Triton kernels on (the interpreter on the CPU).
     """
     empty = mode == "fsdp-rank0"
+    if mode == "fsdp-kernels":
+        mode, overrides = "fsdp", {"kernels": True, **overrides}
     model, processor, family = vlmtune.load(model_dir, quant=quant, empty_on_other_ranks=empty)
     tuning = vlmtune.TuningConfig(vision="lora", language="lora")
     model = vlmtune.apply_tuning(model, family, tuning)
@@ -51,6 +54,16 @@ def run(model_dir: str, quant: str, mode: str, out: Path, data: list, callbacks=
     settings = dict(output_dir=str(out), max_steps=3, batch_size=4, lr=1e-2, logging_steps=1, report=False)
     config = vlmtune.TrainConfig(distributed=mode, **{**settings, **overrides})
     return vlmtune.train(model, processor, family, data, config, tuning, callbacks), model, processor
+
+
+class KernelsSeen(TrainerCallback):
+    """Records, at each step, how many modules run a vlmtune kernel (the swaps carry the kernels' key)."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.counts.append(sum("_vlmtune_kernel" in m.__dict__ for m in model.modules()))
 
 
 class StepCounter(TrainerCallback):
@@ -77,12 +90,15 @@ def main() -> None:
     for spec in args.job:
         name, model_dir, quant, mode, *accum = spec.split(":")
         steps = dict(grad_accum=int(accum[0]), batch_size=4 // int(accum[0])) if accum else {}
-        loaded = {}
-        result, model, processor = run(model_dir, quant, mode, out / name, mixed_rows(), loaded=loaded, **steps)
+        loaded, kernels = {}, KernelsSeen()
+        result, model, processor = run(
+            model_dir, quant, mode, out / name, mixed_rows(), callbacks=[kernels], loaded=loaded, **steps
+        )
         state = lora(model)
         vlmtune.export(model, processor, out / name / "export")
         embeddings = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
         saved = {"losses": result.losses, "lora": state, "loaded": loaded, "tied": embeddings[0] is embeddings[1]}
+        saved["kernel_modules"] = kernels.counts
         torch.save(saved, out / name / f"rank{RANK}.pt")
     if args.mixed:
         held_out = dict(eval_rows=mixed_rows()[:6], eval_samples=0)  # the eval loss, sharded, before and after

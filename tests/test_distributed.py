@@ -38,6 +38,7 @@ JOBS = {  # name: (family, quant, mode[, gradient accumulation steps of the 4 ro
     "gemma_qlora_ddp": ("gemma3", "nf4", "ddp"),
     "gemma_qlora_fsdp": ("gemma3", "nf4", "fsdp"),
     "gemma_lora_fsdp_rank0": ("gemma3", "none", "fsdp-rank0"),  # rank 1 loads empty, filled from rank 0
+    "qwen_lora_fsdp_kernels": ("qwen2_5_vl", "none", "fsdp-kernels"),  # the kernels run on gathered weights
 }
 # fp32 on the CPU: the losses agree to ~1e-7. The weights agree as closely but for a few single elements: rows of
 # different lengths are padded differently in a 2-row half-batch (or a 1-row micro-step) than in the 4-row batch,
@@ -108,6 +109,15 @@ def test_the_export_loads_in_plain_peft_with_the_single_process_logits(launch, s
         want = trained.eval()(input_ids=input_ids).logits
         got = exported(input_ids=input_ids).logits
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_the_kernels_run_under_fsdp_on_the_gathered_weights(launch):
+    """The kernels job trained with vlmtune's kernels swapped in at every step (the job's numbers are checked against
+    the single-process run, kernels off, like every job's); the others did not."""
+    for rank in (0, 1):
+        on = torch.load(launch / "qwen_lora_fsdp_kernels" / f"rank{rank}.pt")["kernel_modules"]
+        off = torch.load(launch / "qwen_lora_fsdp" / f"rank{rank}.pt")["kernel_modules"]
+        assert len(on) == 3 and min(on) > 0 and off == [0, 0, 0]
 
 
 def test_fsdp_with_rank_1_loaded_empty_trains_as_when_every_rank_loads(launch):
