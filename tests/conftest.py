@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints of every family, built once per test session (offline, a few seconds)."""
 
 import os
+import tempfile
 
 import torch
 
@@ -8,6 +9,10 @@ import torch
 # imports it: set it here, before anything else, so CPU runs interpret the kernels (the Makefile sets it too).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# matplotlib renders the LaTeX-OCR images from the fonts its cache lists; a cache left by another install (a removed
+# virtual environment's font paths) silently falls back to other fonts and other pixels. A session's own cache
+# (built in a second or two) keeps the committed losses reproducible; each pytest-xdist worker gets its own.
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="vlmtune-mpl-"))
 
 import pytest  # noqa: E402
 

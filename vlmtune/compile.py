@@ -27,6 +27,7 @@ plain model does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -87,8 +88,24 @@ class _TrainingGraph:
     def __call__(self, *args, **kwargs):
         module = self.module
         if module.training and torch.is_grad_enabled():
-            return self.compiled(*_hidden_requiring_grad(args), **kwargs)
+            with _checkpoint_side_effects():
+                return self.compiled(*_hidden_requiring_grad(args), **kwargs)
         return module._call_impl(*args, **kwargs)
+
+
+def _checkpoint_side_effects():
+    """Dynamo's setting under which a checkpointed layer may set Python state in its forward (traced when a layer is
+    first called, so it is set around the call).
+
+    With the ``kernels`` library installed (transformers 5.25 pulls it in), transformers wraps the attention classes
+    in ``kernels.use_kernelized_func``, whose forward sets and resets a module-level variable on every call; inside
+    ``torch.utils.checkpoint`` dynamo refuses that mutation (a graph break in every layer) unless told it need not
+    replay it in the recomputation, which here it need not: the variable only routes RoPE to hub kernels, which
+    vlmtune turns off.
+    """
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return contextlib.nullcontext()
 
 
 def _hidden_requiring_grad(args: tuple) -> tuple:
