@@ -34,7 +34,7 @@ import triton.language as tl
 
 from vlmtune.kernels.gated_mlp import _activation, _sigmoid
 from vlmtune.kernels.launch import fast_launch
-from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference, nf4_args, nf4_states
+from vlmtune.kernels.lora_linear import frozen_weight, lora_factor_grad, lora_linear_reference, nf4_args, nf4_bases
 from vlmtune.kernels.lora_mlp import LoraProjection, check_projection
 from vlmtune.kernels.ops import kernel_op, leading_rows
 
@@ -246,10 +246,6 @@ class _FcMlpFunction(torch.autograd.Function):
 # The same arithmetic as custom ops, for torch.compile (vlmtune.kernels.ops): the projections come apart into the
 # LoRA factors and biases (the differentiable inputs), the two base weights, their quant states as tensors and
 # ints (vlmtune.kernels.lora_linear.nf4_args) and the scales; the factors are cast again in backward.
-def _op_bases(weights, nf4_tensors, nf4_ints):
-    return tuple(zip(weights, nf4_states(nf4_tensors, nf4_ints), strict=True))
-
-
 def _op_forward(
     x: torch.Tensor,
     a1: torch.Tensor | None,
@@ -266,7 +262,7 @@ def _op_forward(
 ) -> list[torch.Tensor]:
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     loras = [None if t is None else t.to(x.dtype) for t in (a1, b1, a2, b2)]
-    bases = _op_bases(weights, nf4_tensors, nf4_ints)
+    bases = nf4_bases(weights, nf4_tensors, nf4_ints)
     out, pre, xa1, xa2 = _forward_rows(x2d, loras, bases, (bias1, bias2), scales, activation)
     # Residuals: the pre-activation, then x @ A^T of each linear that has LoRA.
     return [out.reshape(*x.shape[:-1], out.shape[-1]), pre, *(t for t in (xa1, xa2) if t is not None)]
@@ -305,7 +301,7 @@ def _op_backward(
         xa1,
         xa2,
         loras,
-        _op_bases(weights, nf4_tensors, nf4_ints),
+        nf4_bases(weights, nf4_tensors, nf4_ints),
         scales,
         activation,
         needs,

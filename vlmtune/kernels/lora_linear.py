@@ -149,6 +149,11 @@ def nf4_states(tensors: list[torch.Tensor | None], ints: list[int]) -> list[Nf4 
     return states
 
 
+def nf4_bases(weights: list[torch.Tensor], tensors: list[torch.Tensor | None], ints: list[int]) -> tuple:
+    """``(weight, quant state or None)`` per base weight, from a custom op's arguments (see :func:`nf4_args`)."""
+    return tuple(zip(weights, nf4_states(tensors, ints), strict=True))
+
+
 @fast_launch
 @triton.jit
 def _dequantize_nf4_kernel(

@@ -33,7 +33,7 @@ from vlmtune.kernels.lora_linear import (
     lora_factor_grad,
     lora_linear_reference,
     nf4_args,
-    nf4_states,
+    nf4_bases,
 )
 from vlmtune.kernels.ops import kernel_op, leading_rows
 
@@ -163,10 +163,6 @@ class _LoraGatedMlpFunction(torch.autograd.Function):
 # The same arithmetic as custom ops, for torch.compile (vlmtune.kernels.ops). The projections come apart into the
 # LoRA factors (the differentiable inputs), the base weights, their quant states as tensors and ints
 # (vlmtune.kernels.lora_linear.nf4_args) and the scales; the factors are cast again in backward.
-def _op_bases(weights, nf4_tensors, nf4_ints):
-    return tuple(zip(weights, nf4_states(nf4_tensors, nf4_ints), strict=True))
-
-
 def _op_forward(
     x: torch.Tensor,
     ag: torch.Tensor | None,
@@ -183,7 +179,7 @@ def _op_forward(
 ) -> list[torch.Tensor]:
     x2d = x.reshape(-1, x.shape[-1])
     loras = [None if t is None else t.to(x.dtype) for t in (ag, bg, au, bu, ad, bd)]
-    out, saved = _forward(x2d, _op_bases(weights, nf4_tensors, nf4_ints), loras, scales, activation)
+    out, saved = _forward(x2d, nf4_bases(weights, nf4_tensors, nf4_ints), loras, scales, activation)
     # Residuals: gate and up, then x @ A^T of each projection that has LoRA.
     return [out.reshape(*x.shape[:-1], out.shape[-1]), *(t for t in saved if t is not None)]
 
@@ -217,7 +213,7 @@ def _op_backward(
         x.reshape(-1, x.shape[-1]),
         (gate, up, *xa),
         loras,
-        _op_bases(weights, nf4_tensors, nf4_ints),
+        nf4_bases(weights, nf4_tensors, nf4_ints),
         scales,
         activation,
         needs,
