@@ -34,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "@@EPOCH "
+PROGRESS = "@@PROGRESS "
 GIB = 2**30
 LR = 2e-4
 CPU_BATCH = 4
@@ -127,7 +128,7 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
     from vlmtune.data.collator import Collator, PreparedDataset
     from vlmtune.data.host import default_workers
     from vlmtune.families import detect
-    from vlmtune.step_probe import _Probe, cuda_peak
+    from vlmtune.step_probe import TOLERANCE, _Probe, cuda_peak
     from vlmtune.step_search import largest_fitting
 
     cfg, spec = CONFIGS[stack], MODELS[args.model]
@@ -157,6 +158,7 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
             1,
             min(len(prepared), 512),
             what=f"{stack} batch_size",
+            tolerance=TOLERANCE,
         )
         probe.reset()
         batch_size = found.size
@@ -168,16 +170,24 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
     model.train()
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, seen = time.perf_counter(), 0
     for batch in loader:
         inputs = {k: v.to(device, non_blocking=True) for k, v in keep(batch).items()}
         losses.append(train_step(model, opt, inputs, cuda))
+        seen += len(batch["input_ids"])
+        if len(losses) % 5 == 0:  # what a stopped run still reports: rows and seconds so far
+            progress = {"rows": seen, "epoch_s": time.perf_counter() - start, "batch_size": batch_size}
+            print(PROGRESS + json.dumps(progress | {"losses": losses}), flush=True)
     if cuda:
         torch.cuda.synchronize()
     return {"epoch_s": time.perf_counter() - start, "losses": losses, "step": {"batch_size": batch_size}}
 
 
 def worker(args, stack: str) -> int:
+    import logging
+
+    # vlmtune's own lines (the probe's sizes, the chosen budget, each step's loss) go to the stack's log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if stack.startswith("unsloth"):
         import unsloth  # noqa: F401  (its patches must come before transformers)
     import torch
@@ -211,7 +221,9 @@ def worker(args, stack: str) -> int:
 
 def _child(args, stack: str, argv: list[str], log: Path) -> dict[str, Any]:
     """Run one stack's worker; its output goes to ``log`` as it comes (a stopped run leaves what it printed)."""
+    # Every stack gets the allocator setting vlmtune sets on import (Unsloth sets the same one).
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if stack.startswith("unsloth") and Path(args.peer_site).is_dir():
         env["PYTHONPATH"] = f"{args.peer_site}{os.pathsep}{ROOT}"
     command = [sys.executable, "-m", "benchmarks.epoch", "worker", stack, *argv]
@@ -227,7 +239,16 @@ def _child(args, stack: str, argv: list[str], log: Path) -> dict[str, Any]:
     for line in lines:
         if line.startswith(PREFIX):
             return json.loads(line[len(PREFIX) :])
-    return {"stack": stack, "status": "error", "reason": f"{status}: " + " | ".join(lines[-6:])}
+    record = {"stack": stack, "status": "error", "reason": f"{status}: " + " | ".join(lines[-6:])}
+    progress = [json.loads(line[len(PROGRESS) :]) for line in lines if line.startswith(PROGRESS)]
+    if progress:  # stopped part-way: the rows it trained on so far give its rate
+        last = progress[-1]
+        losses = last.pop("losses")
+        tail = losses[-max(1, len(losses) // 10) :]
+        record.update(status="partial", steps=len(losses), final_loss=statistics.mean(tail), peak_alloc_gib=None)
+        record.update(rows=last["rows"], epoch_s=last["epoch_s"], rows_per_s=last["rows"] / last["epoch_s"])
+        record["step"] = {"batch_size": last["batch_size"]}
+    return record
 
 
 def _phase(name: str, start: float) -> None:
@@ -243,8 +264,9 @@ def table(records: list[dict[str, Any]]) -> str:
             continue
         peak = "-" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
         step = ", ".join(f"{k}={v}" for k, v in r["step"].items())
+        name = r["stack"] + (f" (stopped after {r['rows']} rows)" if r.get("status") == "partial" else "")
         lines.append(
-            f"| {r['stack']} | {step} | {r['epoch_s']:.1f} | {r['rows_per_s']:.2f} | {peak} | {r['final_loss']:.4f} |"
+            f"| {name} | {step} | {r['epoch_s']:.1f} | {r['rows_per_s']:.2f} | {peak} | {r['final_loss']:.4f} |"
         )
     return "\n".join(lines)
 
@@ -268,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         # Written after every stack, so a call that runs out of time keeps the stacks that finished.
         (out / f"epoch_{args.model}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
     print(table(records))
-    return 0 if all("epoch_s" in r for r in records) else 1
+    return 0 if all(r.get("status") not in ("error", "partial") for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -10,13 +10,21 @@ The public API::
     vlmtune.export(result.model, processor, "out", recipe=...)
 """
 
-from vlmtune import quiet
-from vlmtune.data.spec import DataSpec, load_rows
-from vlmtune.export import export, load_exported, merge
-from vlmtune.families import detect
-from vlmtune.loading import load
-from vlmtune.train import TrainConfig, TrainResult, train
-from vlmtune.tuning import TuningConfig, apply_tuning
+import os
+
+# Packed steps and token budgets change the step's shape every step; expandable segments keep the CUDA caching
+# allocator from fragmenting over them (a cap that fits the probe step then fits the run). The allocator reads
+# this when CUDA starts, so it is set on import; a setting of the user's own is left as it is.
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+from vlmtune import quiet  # noqa: E402
+from vlmtune.data.spec import DataSpec, load_rows  # noqa: E402
+from vlmtune.export import export, load_exported, merge  # noqa: E402
+from vlmtune.families import detect  # noqa: E402
+from vlmtune.loading import load  # noqa: E402
+from vlmtune.train import TrainConfig, TrainResult, train  # noqa: E402
+from vlmtune.tuning import TuningConfig, apply_tuning  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,8 @@
 Before training, :func:`resolve_step_size` runs a few real steps (forward, backward, optimiser step, with the
 run's kernels, autocast and optimiser) on the **longest** samples of the data, sized by
 :func:`vlmtune.step_search.largest_fitting`, and keeps the largest size whose peak allocated memory is at most
-``HEADROOM`` of the cap (the rest absorbs allocator fragmentation and steps that differ from the probe's). Every
+``HEADROOM`` of the cap (the rest absorbs allocator fragmentation and steps that differ from the probe's), to
+within ``TOLERANCE`` of the largest that would (the last probes are the largest steps: they cost the most). Every
 probe starts from the same weights and a fresh optimiser; after the search the trainable parameters, their
 gradients, the RNG states and the train/eval mode are put back, so the run trains exactly as if it had been
 given the chosen number (a test checks the losses match).
@@ -35,6 +36,7 @@ MARGIN_GIB = 1.0
 CPU_BATCH_SIZE = 4
 MAX_BATCH = 1024
 TOKEN_GRANULARITY = 128
+TOLERANCE = 0.125
 _RECORD = "_vlmtune_step_size"
 
 Meter = Callable[[Callable[[], None], dict[str, Any]], "int | None"]
@@ -42,15 +44,21 @@ Meter = Callable[[Callable[[], None], dict[str, Any]], "int | None"]
 
 
 def cuda_peak(run: Callable[[], None], batch: dict[str, Any]) -> int | None:
-    """Peak allocated CUDA memory of ``run()``; ``None`` when it runs out of memory."""
+    """Peak CUDA memory of ``run()``; ``None`` when it runs out of memory.
+
+    The peak *reserved* by the caching allocator, not only allocated: a cap (``memory_limit_gib``, or what the
+    device has) holds what the allocator reserves, fragmentation included, and a training run that varies its
+    step's shapes from step to step fragments more than one probe step does.
+    """
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         run()
         torch.cuda.synchronize()
     except torch.OutOfMemoryError:
         return None
-    return torch.cuda.max_memory_allocated()
+    return max(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
 
 
 def default_meter(model: torch.nn.Module) -> Meter | None:
@@ -257,7 +265,7 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
     switch = KernelSwitch(model, family, enabled=family is not None)
     try:
         found = largest_fitting(
-            lambda size: probe(build(size)), usable, smallest, largest, granularity, describe, what=knob
+            lambda size: probe(build(size)), usable, smallest, largest, granularity, describe, knob, TOLERANCE
         )
     except NothingFits as err:
         raise NothingFits(f"{err} (memory_limit_gib={cap / GIB:.2f}, {HEADROOM:.0%} of it usable)") from None

@@ -45,6 +45,7 @@ def largest_fitting(
     granularity: int = 1,
     describe: Callable[[int], str] = str,
     what: str = "step",
+    tolerance: float = 0.0,
 ) -> SearchResult:
     """The largest size in ``[smallest, largest]`` whose ``measure`` is at most ``cap_bytes``.
 
@@ -54,6 +55,8 @@ def largest_fitting(
         smallest: the first size tried; it must fit.
         largest: no size above it is tried (the data's size: a step cannot hold more).
         granularity: the search stops when the gap between a fit and a miss is at most this.
+        tolerance: ... or at most this share of the last fit (``0.125``: within 1/8 of the largest fit, which
+            saves the last probes, each as large as the step; ``0``: to within ``granularity``).
         describe: a size in words, for the error (``"batch_size=1 (the longest sample, 812 tokens)"``).
         what: the knob searched, for log lines.
 
@@ -88,7 +91,7 @@ def largest_fitting(
             low = size
         else:
             high = size
-    while high is not None and high - low > granularity:
+    while high is not None and high - low > max(granularity, int(low * tolerance)):
         # Halfway, on the granularity's grid from the last fit (which is below ``high - granularity``).
         mid = low + max(granularity, (high - low) // 2 // granularity * granularity)
         if fits(mid):
