@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-site", default="/tmp/peer-site", help="site folder holding Unsloth")
     parser.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering rows")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per stack; a stack over it is stopped")
+    parser.add_argument(
+        "--baseline-batch", type=int, default=None, help="the baselines' batch size (default: the largest that fits)"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.model, args.rows, args.stacks, args.memory_cap_gib = "tiny-qwen", min(args.rows, 8), "vlmtune,hf_bf16", 0
@@ -149,8 +152,8 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
         return {k: v for k, v in batch.items() if k in HF_PROCESSOR_KEYS}
 
     order = sorted(range(len(prepared)), key=lambda i: -prepared.lengths[i])
-    batch_size = CPU_BATCH
-    if cuda:
+    batch_size = args.baseline_batch or CPU_BATCH
+    if cuda and args.baseline_batch is None:
         probe = _Probe(model, optimizer, cuda_peak)
         found = largest_fitting(
             lambda n: probe(keep(collator([prepared[i] for i in order[:n]]))),

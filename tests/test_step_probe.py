@@ -121,3 +121,14 @@ def test_auto_is_refused_under_a_launch_of_several_processes(knob, monkeypatch):
     config = vlmtune.TrainConfig(max_steps=1, packing=knob == "max_tokens_per_step", **{knob: "auto"})
     with pytest.raises(ValueError, match=f"{knob}='auto' probes one device, and this launch has 2 processes"):
         step_probe.resolve_step_size(config, None, None, None, lambda: None)
+
+
+def test_a_smaller_step_is_chosen_only_where_it_trains_clearly_faster():
+    probes = [(1000, 2 * GIB), (2000, 3 * GIB), (4000, 5 * GIB), (8000, None)]
+    usable = 6 * GIB
+    # Tokens/s peaks at 2000 (attention over the whole row): 2000 beats the largest fit, 4000, by 30%.
+    assert step_probe.fastest_fit(probes, {1000: 900.0, 2000: 1300.0, 4000: 1000.0}, usable) == 2000
+    # Within the 10% margin the largest fit stays.
+    assert step_probe.fastest_fit(probes, {1000: 900.0, 2000: 1050.0, 4000: 1000.0}, usable) is None
+    # A probe over the usable share never counts, however fast.
+    assert step_probe.fastest_fit(probes, {1000: 900.0, 2000: 1300.0, 4000: 1000.0}, 4 * GIB) is None

@@ -4,7 +4,10 @@ Before training, :func:`resolve_step_size` runs a few real steps (forward, backw
 run's kernels, autocast and optimiser) on the **longest** samples of the data, sized by
 :func:`vlmtune.step_search.largest_fitting`, and keeps the largest size whose peak allocated memory is at most
 ``HEADROOM`` of the cap (the rest absorbs allocator fragmentation and steps that differ from the probe's), to
-within ``TOLERANCE`` of the largest that would (the last probes are the largest steps: they cost the most). Every
+within ``TOLERANCE`` of the largest that would (the last probes are the largest steps: they cost the most). On
+CUDA a smaller probed step is chosen instead where it trained more than ``SPEED_MARGIN`` more tokens per second
+(timed again, warm, against the largest): a step whose attention spans the whole packed row gets slower per token
+as it grows (:func:`fastest_fit`). Every
 probe starts from the same weights and a fresh optimiser; after the search the trainable parameters, their
 gradients, the RNG states and the train/eval mode are put back, so the run trains exactly as if it had been
 given the chosen number (a test checks the losses match).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +41,7 @@ CPU_BATCH_SIZE = 4
 MAX_BATCH = 1024
 TOKEN_GRANULARITY = 128
 TOLERANCE = 0.125
+SPEED_MARGIN = 0.1
 _RECORD = "_vlmtune_step_size"
 
 Meter = Callable[[Callable[[], None], dict[str, Any]], "int | None"]
@@ -263,14 +268,48 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
     probe = _Probe(model, make_optimizer, meter)
     usable = int(cap * HEADROOM)
     switch = KernelSwitch(model, family, enabled=family is not None)
+    rates: dict[int, float] = {}
+
+    def measure(size: int) -> int | None:
+        batch = build(size)
+        start = time.perf_counter()
+        peak = probe(batch)
+        rates[size] = batch["input_ids"].numel() / (time.perf_counter() - start)
+        return peak
+
     try:
-        found = largest_fitting(
-            lambda size: probe(build(size)), usable, smallest, largest, granularity, describe, knob, TOLERANCE
-        )
+        found = largest_fitting(measure, usable, smallest, largest, granularity, describe, knob, TOLERANCE)
+        chosen, how = found.size, "largest that fits"
+        faster = fastest_fit(found.probes, rates, usable) if meter is cuda_peak else None
+        if faster is not None and faster != chosen:
+            # Timed once more each, warm (a first probe of a size can include kernel compilation).
+            measure(chosen), measure(faster)
+            if rates[faster] > (1 + SPEED_MARGIN) * rates[chosen]:
+                logger.info(
+                    "%s %d trains %.0f tokens/s, %d only %.0f", knob, faster, rates[faster], chosen, rates[chosen]
+                )
+                chosen, how = faster, "fastest that fits"
     except NothingFits as err:
         raise NothingFits(f"{err} (memory_limit_gib={cap / GIB:.2f}, {HEADROOM:.0%} of it usable)") from None
     finally:
         switch.off()  # the run patches its own kernels in; none stay from the probe
         probe.reset()
     probes = [[size, None if peak is None else round(peak / GIB, 3)] for size, peak in found.probes]
-    return found.size, {"peak_gib": round(found.peak_bytes / GIB, 3), "probes": probes}
+    peak = next(p for s, p in reversed(found.probes) if s == chosen)
+    record = {"peak_gib": round(peak / GIB, 3), "probes": probes, "chosen_as": how}
+    record["tokens_per_s"] = {str(size): round(rate) for size, rate in sorted(rates.items())}
+    return chosen, record
+
+
+def fastest_fit(probes: list[tuple[int, int | None]], rates: dict[int, float], usable: int) -> int | None:
+    """The fitting probe size that trained the most tokens per second, when that beats the largest fit's rate by
+    ``SPEED_MARGIN`` (``None`` otherwise).
+
+    A step's cost is not linear in its size where attention runs over the whole step (Gemma-3's packed rows carry
+    dense masks): past some size a larger step trains fewer tokens per second, and "auto" stops there.
+    """
+    fits = [size for size, peak in probes if peak is not None and peak <= usable]
+    if not fits:
+        return None
+    largest, best = max(fits), max(fits, key=lambda size: (rates[size], size))
+    return best if rates[best] > (1 + SPEED_MARGIN) * rates[largest] else None

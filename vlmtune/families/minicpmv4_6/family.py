@@ -36,6 +36,7 @@ from packaging.version import Version
 from vlmtune.data.positions import text_positions
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.minicpmv4_6.tiny import build_minicpmv4_6
+from vlmtune.kernels.hf.varlen import packed_row_keywords
 from vlmtune.patching import swap_forward, swap_of
 
 DOWNSAMPLE_MODES = ("16x", "4x")
@@ -191,13 +192,7 @@ def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn
     share one size.
     """
     extras = batch_extras(batch, images, collator.processor, collator.model_config)
-    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    flash = {
-        "cu_seq_lens_q": bounds,
-        "cu_seq_lens_k": bounds,
-        "max_length_q": max(lengths),
-        "max_length_k": max(lengths),
-    }
+    flash = packed_row_keywords(lengths)
     return {**extras, "position_ids": text_positions(lengths)[None], "attention_mask": None, **flash}
 
 

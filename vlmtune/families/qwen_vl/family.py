@@ -27,6 +27,7 @@ import torch
 from vlmtune.data.positions import text_positions
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.qwen_vl.tiny import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
+from vlmtune.kernels.hf.varlen import packed_row_keywords
 
 
 def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:
@@ -115,10 +116,12 @@ def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn
 
     ``Qwen2_5_VLTextModel.forward`` (and Qwen2-VL's and Qwen3-VL's) reads a 4-row tensor as "packed, text positions
     first" and hands row 0 to ``create_causal_mask``, whose ``find_packed_sequence_indices`` turns each restart
-    into a new sequence (transformers >= 4.54).
+    into a new sequence (transformers >= 4.54). The sample boundaries also go under transformers' flash-attention
+    names, from which the kernels' language attention runs per sample (:mod:`vlmtune.kernels.hf.varlen`).
     """
     text = text_positions(lengths).view(1, 1, -1)
-    return {"position_ids": torch.cat([text, batch["position_ids"]], dim=0), "attention_mask": None}
+    flash = packed_row_keywords(lengths)
+    return {"position_ids": torch.cat([text, batch["position_ids"]], dim=0), "attention_mask": None, **flash}
 
 
 _LANGUAGE = r"model\.language_model\.layers\.(\d+)"

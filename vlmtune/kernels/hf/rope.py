@@ -4,7 +4,8 @@ An attention forward calls its modeling module's global ``apply_rotary_pos_emb``
 or for the length of a call, would change (or race with) every other model of the family in the process; so each
 patched attention runs its class's forward copied with its own globals, where ``apply_rotary_pos_emb`` is the
 kernel (:func:`vlmtune.patching.with_global`). The copy is taken once per patch; gradient checkpointing's
-recomputation re-enters the same patched module, so it runs the same function.
+recomputation re-enters the same patched module, so it runs the same function. The copy also sees the packed-row
+attention functions of :mod:`vlmtune.kernels.hf.varlen` as its ``ALL_ATTENTION_FUNCTIONS``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import sys
 from collections.abc import Callable
 
+from vlmtune.kernels.hf import varlen
 from vlmtune.kernels.hf.common import KERNEL, find_kernel, style, swap
 from vlmtune.patching import swap_of, with_global
 
@@ -40,7 +42,12 @@ class _RopeData:
         if self._forward is None:
             original = getattr(sys.modules[self.attention_class.__module__], _ROPE_FUNCTION)
             rotate = functools.partial(_rope_or_fallback, kernel=self.kernel, fallback=original)
-            self._forward = with_global(self.attention_class.forward, _ROPE_FUNCTION, rotate)
+            forward = with_global(self.attention_class.forward, _ROPE_FUNCTION, rotate)
+            functions = getattr(sys.modules[self.attention_class.__module__], varlen.GLOBAL, None)
+            if functions is not None and varlen.GLOBAL in _read_globals(self.attention_class.forward):
+                # Packed rows attend per sample through the varlen kernel (vlmtune.kernels.hf.varlen).
+                forward = with_global(forward, varlen.GLOBAL, varlen.AttentionFunctions(functions))
+            self._forward = forward
         return self._forward
 
     def __getstate__(self) -> dict:
@@ -64,6 +71,15 @@ def apply(base, language, family, patch) -> None:
             continue
         swap(module, _rope_attention_forward, patch, data)
         patch.patched["rope"].append(name)
+
+
+def _read_globals(function: Callable) -> set[str]:
+    """The global names ``function`` reads, through ``functools.wraps`` decorators."""
+    names: set[str] = set()
+    while function is not None:
+        names.update(function.__code__.co_names)
+        function = getattr(function, "__wrapped__", None)
+    return names
 
 
 def _rope_attention_forward(self, *args, **kwargs):
