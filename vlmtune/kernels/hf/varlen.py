@@ -41,10 +41,19 @@ def _flash_varlen() -> Callable | None:
 
 
 @functools.cache
-def _causal_keywords() -> dict[str, Any]:
-    """How this torch's ``varlen_attn`` asks for causal attention (2.9-2.10: ``is_causal``; later ``window_size``)."""
-    parameters = inspect.signature(_flash_varlen()).parameters
-    return {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+def _parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(_flash_varlen()).parameters)
+
+
+def _flash_keywords(scale: float | None, head_dim: int) -> dict[str, Any] | None:
+    """How this torch's ``varlen_attn`` asks for causal attention at ``scale`` (2.9-2.10: ``is_causal`` and no
+    scale; later ``window_size`` and ``scale``); ``None`` where it cannot."""
+    keywords: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in _parameters() else {"is_causal": True}
+    if "scale" in _parameters():
+        keywords["scale"] = scale
+    elif scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
+        return None
+    return keywords
 
 
 def reference_varlen(q, k, v, cu_seq, max_len, scale):
@@ -59,16 +68,17 @@ def reference_varlen(q, k, v, cu_seq, max_len, scale):
 
 
 def flash_varlen(q, k, v, cu_seq, max_len, scale):
-    return _flash_varlen()(q, k, v, cu_seq, cu_seq, max_len, max_len, scale=scale, **_causal_keywords())
+    return _flash_varlen()(q, k, v, cu_seq, cu_seq, max_len, max_len, **_flash_keywords(scale, q.shape[-1]))
 
 
-def runs_flash(query: torch.Tensor) -> bool:
-    """Whether the flash kernel takes these queries (the device, dtype and head size it is built for)."""
+def runs_flash(query: torch.Tensor, scale: float | None = None) -> bool:
+    """Whether the flash kernel takes these queries (the device, dtype, head size and scale it is built for)."""
     return (
         _flash_varlen() is not None
         and query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-1] <= 256
+        and _flash_keywords(scale, query.shape[-1]) is not None
     )
 
 
@@ -82,7 +92,7 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     """transformers' attention-function contract (``(B, H, T, D)`` in, ``((B, T, H, D), None)`` out) for a packed
     row: per-sample causal attention from ``cu_seq_lens_q``; anything else goes to ``fallback``."""
     cu_seq, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    kernel = KERNEL or (flash_varlen if runs_flash(query) else None)
+    kernel = KERNEL or (flash_varlen if runs_flash(query, scaling) else None)
     usable = (
         kernel is not None
         and cu_seq is not None
