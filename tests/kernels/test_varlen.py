@@ -15,7 +15,9 @@ import vlmtune
 from tests.kernels.test_packed_batches import IMAGE_OPTIONS, _loss_and_grads
 from vlmtune.data.budget import pack_budget
 from vlmtune.data.collator import Collator
+from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.packing import PackedCollator
+from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.kernels.hf import varlen
 from vlmtune.kernels.patch import apply_kernels
 from vlmtune.testing import init_lora_b
@@ -69,10 +71,7 @@ def test_the_cpu_takes_the_mask_path():
     assert varlen.KERNEL is None and not varlen.runs_flash(q)
 
 
-def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, monkeypatch):
-    from vlmtune.data.latex_ocr import make_latex_ocr
-    from vlmtune.data.spec import DataSpec, load_rows
-
+def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, tmp_path, monkeypatch):
     calls = []
 
     def counted(*args):
@@ -86,11 +85,8 @@ def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, monkeypatch)
     model = vlmtune.apply_tuning(model, family, tuning)
     init_lora_b(model, std=0.05, seed_per_matrix=True)
     model.train()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out:
-        make_latex_ocr(6, out, seed=1)
-        rows = load_rows(DataSpec(source_type="parquet", path=out), "train")
+    make_latex_ocr(6, tmp_path, seed=1)
+    rows = load_rows(DataSpec(source_type="parquet", path=str(tmp_path)), "train")
     collator = Collator(family, processor, model.config, image_options=IMAGE_OPTIONS["qwen2_5_vl"])
     encoded = [collator.encode(rows[i], i) for i in range(len(rows))]
     lengths = [len(e.input_ids) for e in encoded]

@@ -12,8 +12,8 @@ The boundaries travel as transformers' flash-attention keyword arguments (``cu_s
 sync per layer) and which transformers hands down to every attention call. The language tower's patched
 attention forward (:mod:`vlmtune.kernels.hf.rope` builds it) sees :class:`AttentionFunctions` as its
 ``ALL_ATTENTION_FUNCTIONS``: the configured function as before, except on a packed row the flash kernel can run
-(CUDA, 16-bit, no sliding window), where :func:`varlen_attention` runs instead. Without the kernels, or where it
-cannot run, the mask path computes the same attention.
+(CUDA, 16-bit, no sliding window, not inside a ``torch.compile`` graph), where :func:`varlen_attention` runs
+instead. Without the kernels, or where it cannot run, the mask path computes the same attention.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     kernel = KERNEL or (flash_varlen if runs_flash(query, scaling) else None)
     usable = (
         kernel is not None
+        # Compiled, the row's max length (an int) would be specialised on: a recompile per step. Mask path there.
+        and not torch.compiler.is_compiling()
         and cu_seq is not None
         and isinstance(max_len, int)
         and query.shape[0] == 1
