@@ -12,6 +12,7 @@ from transformers import set_seed
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import vlmtune
+from tests.data.test_packing import MINICPMV4_6_MODE
 from tests.kernels.test_packed_batches import IMAGE_OPTIONS, _loss_and_grads
 from vlmtune.data.budget import pack_budget
 from vlmtune.data.collator import Collator
@@ -71,7 +72,8 @@ def test_the_cpu_takes_the_mask_path():
     assert varlen.KERNEL is None and not varlen.runs_flash(q)
 
 
-def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_minicpmv4_6"])
+def test_kernels_with_varlen_equal_the_plain_masked_path(fixture, request, tmp_path, monkeypatch):
     calls = []
 
     def counted(*args):
@@ -80,14 +82,15 @@ def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, tmp_path, mo
 
     monkeypatch.setattr(varlen, "KERNEL", counted)
     set_seed(0)
-    model, processor, family = vlmtune.load(tiny_qwen, dtype="float32")
+    model, processor, family = vlmtune.load(request.getfixturevalue(fixture), dtype="float32")
     tuning = vlmtune.TuningConfig(vision="frozen", gradient_checkpointing=True)
     model = vlmtune.apply_tuning(model, family, tuning)
     init_lora_b(model, std=0.05, seed_per_matrix=True)
     model.train()
     make_latex_ocr(6, tmp_path, seed=1)
     rows = load_rows(DataSpec(source_type="parquet", path=str(tmp_path)), "train")
-    collator = Collator(family, processor, model.config, image_options=IMAGE_OPTIONS["qwen2_5_vl"])
+    options = {"downsample_mode": MINICPMV4_6_MODE} if family.name == "minicpmv4_6" else IMAGE_OPTIONS["qwen2_5_vl"]
+    collator = Collator(family, processor, model.config, image_options=options)
     encoded = [collator.encode(rows[i], i) for i in range(len(rows))]
     lengths = [len(e.input_ids) for e in encoded]
     image_ids = set(collator.image_token_ids())
@@ -105,9 +108,11 @@ def test_kernels_with_varlen_equal_the_plain_masked_path(tiny_qwen, tmp_path, mo
         fused_loss, fused_grads = _loss_and_grads(model, batch)
     finally:
         patch.revert()
-    layers = model.config.get_text_config().num_hidden_layers
-    # Every layer's attention ran per sample, in the forward and again in the checkpointed recomputation.
-    assert len(calls) == 2 * layers and all(c == bounds for c in calls)
+    text = model.config.get_text_config()
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    attention_layers = sum(t == "full_attention" for t in types)  # MiniCPM-V 4.6: the others are DeltaNet layers
+    # Every attention layer ran per sample, in the forward and again in the checkpointed recomputation.
+    assert attention_layers and len(calls) == 2 * attention_layers and all(c == bounds for c in calls)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=0)
     floor = 1e-6 * max(g.abs().max().item() for g in plain_grads.values())
     for name, grad in plain_grads.items():
