@@ -56,3 +56,30 @@ def test_a_cap_no_sample_fits_is_refused_naming_the_cap_and_the_need():
 def test_a_smallest_step_out_of_memory_says_so():
     with pytest.raises(NothingFits, match="runs out of memory"):
         largest_fitting(lambda size: None, GIB, smallest=1, largest=8)
+
+
+def test_predicting_from_two_fits_lands_under_the_cap_without_a_miss():
+    sizes: list[int] = []
+    # Linear memory: 4 GiB + 1 GiB per 1000 tokens under 10 GiB; the largest fit is 6000 tokens.
+    found = largest_fitting(
+        linear(4.0, 0.001, sizes),
+        10 * GIB,
+        smallest=300,
+        largest=100_000,
+        granularity=128,
+        tolerance=0.125,
+        predict=True,
+    )
+    assert 6000 * (1 - 0.125) <= found.size <= 6000
+    assert all(peak <= 10 * GIB for _, peak in found.probes)  # no probe past the cap
+    plain = largest_fitting(linear(4.0, 0.001, None), 10 * GIB, 300, 100_000, 128, tolerance=0.125)
+    assert len(found.probes) < len(plain.probes)
+
+
+def test_a_prediction_that_misses_falls_back_to_bisection():
+    def curved(size: int) -> int:  # memory grows faster than the line through small steps says
+        return int((2.0 + 0.001 * size + 2e-7 * size**2) * GIB)
+
+    found = largest_fitting(curved, 10 * GIB, 300, 100_000, 128, tolerance=0.0, predict=True)
+    true_largest = max(s for s in range(300, 10_000) if curved(s) <= 10 * GIB)
+    assert true_largest - 128 < found.size <= true_largest

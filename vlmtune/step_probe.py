@@ -2,15 +2,15 @@
 
 Before training, :func:`resolve_step_size` runs a few real steps (forward, backward, optimiser step, with the
 run's kernels, autocast and optimiser) on the **longest** samples of the data, sized by
-:func:`vlmtune.step_search.largest_fitting`, and keeps the largest size whose peak allocated memory is at most
-``HEADROOM`` of the cap (the rest absorbs allocator fragmentation and steps that differ from the probe's), to
-within ``TOLERANCE`` of the largest that would (the last probes are the largest steps: they cost the most). On
+:func:`vlmtune.step_search.largest_fitting`, and keeps the largest size whose peak memory (what the allocator
+reserves) is at most ``HEADROOM`` of the cap (the rest absorbs fragmentation and steps that differ from the
+probe's), to within ``TOLERANCE`` of the largest that would. Once two sizes fit, each probe is aimed just short of
+where their line meets the cap: the last probes are the largest steps and cost the most, a miss most of all. On
 CUDA a smaller probed step is chosen instead where it trained more than ``SPEED_MARGIN`` more tokens per second
 (timed again, warm, against the largest): a step whose attention spans the whole packed row gets slower per token
-as it grows (:func:`fastest_fit`). Every
-probe starts from the same weights and a fresh optimiser; after the search the trainable parameters, their
-gradients, the RNG states and the train/eval mode are put back, so the run trains exactly as if it had been
-given the chosen number (a test checks the losses match).
+as it grows (:func:`fastest_fit`). Every probe starts from the same weights and a fresh optimiser; after the
+search the trainable parameters, their gradients, the RNG states and the train/eval mode are put back, so the run
+trains exactly as if it had been given the chosen number (a test checks the losses match).
 
 The cap is ``TrainConfig.memory_limit_gib``, by default the device's free memory plus what this process already
 reserved, less ``MARGIN_GIB`` (the CUDA context and other processes grow). The choice is logged, recorded in the
@@ -278,7 +278,7 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
         return peak
 
     try:
-        found = largest_fitting(measure, usable, smallest, largest, granularity, describe, knob, TOLERANCE)
+        found = largest_fitting(measure, usable, smallest, largest, granularity, describe, knob, TOLERANCE, True)
         chosen, how = found.size, "largest that fits"
         faster = fastest_fit(found.probes, rates, usable) if meter is cuda_peak else None
         if faster is not None and faster != chosen:

@@ -1,4 +1,4 @@
-"""The largest step that fits a memory cap: doubling, then bisection, over one probe per size.
+"""The largest step that fits a memory cap: doubling (or a probe aimed by the last two), then bisection.
 
 Pure logic, no model: ``measure(size)`` runs (or fakes) a training step of ``size`` (a batch size, or a token
 budget) and returns its peak memory in bytes, or ``None`` when it ran out of memory. Memory grows with the step,
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
+PREDICT_MARGIN = 0.03
+"""With ``predict``: the probe aims this share below where the line puts the cap."""
 
 
 class NothingFits(ValueError):
@@ -46,6 +48,7 @@ def largest_fitting(
     describe: Callable[[int], str] = str,
     what: str = "step",
     tolerance: float = 0.0,
+    predict: bool = False,
 ) -> SearchResult:
     """The largest size in ``[smallest, largest]`` whose ``measure`` is at most ``cap_bytes``.
 
@@ -57,6 +60,10 @@ def largest_fitting(
         granularity: the search stops when the gap between a fit and a miss is at most this.
         tolerance: ... or at most this share of the last fit (``0.125``: within 1/8 of the largest fit, which
             saves the last probes, each as large as the step; ``0``: to within ``granularity``).
+        predict: once two sizes fit, aim the next probe just short of where the line through their peaks reaches
+            ``cap_bytes`` (when that is before the doubled size), and stop where that line puts the cap within the
+            tolerance of a fit. A step's memory is close to linear in its size, so this usually lands one probe
+            under the cap instead of one past it.
         describe: a size in words, for the error (``"batch_size=1 (the longest sample, 812 tokens)"``).
         what: the knob searched, for log lines.
 
@@ -84,14 +91,26 @@ def largest_fitting(
             "Raise memory_limit_gib, lower max_length or the image size (image_options, e.g. max_pixels), or save "
             "memory (QLoRA, gradient checkpointing, a frozen vision tower)"
         )
-    low, high = smallest, None
+
+    def close_enough(low: int, high: float) -> bool:
+        return high - low <= max(granularity, int(low * tolerance))
+
+    low, high, previous = smallest, None, None
     while high is None and low < largest:
         size = min(2 * low, largest)
+        at_cap = _where_the_cap_falls(probes, previous, low, cap_bytes) if predict else None
+        if at_cap is not None and at_cap < size:
+            if close_enough(low, at_cap):
+                break  # the line through the last two fits puts the cap within tolerance of the last fit
+            # Just short of where the line puts the cap, on the granularity's grid: a fit there saves probing
+            # past the cap (a miss runs until it is out of memory) and the bisection back.
+            guess = low + int((at_cap * (1 - PREDICT_MARGIN) - low) // granularity * granularity)
+            size = min(max(guess, low + granularity), largest)
         if fits(size):
-            low = size
+            previous, low = low, size
         else:
             high = size
-    while high is not None and high - low > max(granularity, int(low * tolerance)):
+    while high is not None and not close_enough(low, high):
         # Halfway, on the granularity's grid from the last fit (which is below ``high - granularity``).
         mid = low + max(granularity, (high - low) // 2 // granularity * granularity)
         if fits(mid):
@@ -100,3 +119,12 @@ def largest_fitting(
             high = mid
     peak = next(p for s, p in reversed(probes) if s == low)
     return SearchResult(size=low, peak_bytes=peak, probes=probes)
+
+
+def _where_the_cap_falls(probes, previous: int | None, last: int, cap_bytes: int) -> float | None:
+    """The size at which the line through the peaks of the fits ``previous`` and ``last`` reaches the cap."""
+    if previous is None:
+        return None
+    peaks = {size: peak for size, peak in probes if peak is not None}
+    slope = (peaks[last] - peaks[previous]) / (last - previous)
+    return last + (cap_bytes - peaks[last]) / slope if slope > 0 else None
