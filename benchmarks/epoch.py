@@ -120,7 +120,8 @@ def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
     wall = time.perf_counter() - start
     chosen = step_size_of(result.model) or {}
     # train() runs the memory probe before the first step: its seconds are inside epoch_s (a user waits for them).
-    return {"epoch_s": wall, "losses": result.losses, "step": {"max_tokens_per_step": chosen.get("value")}}
+    run = {"epoch_s": wall, "losses": result.losses, "step": {"max_tokens_per_step": chosen.get("value")}}
+    return run | {"probe_s": chosen.get("probe_s")}
 
 
 def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[str, Any]:

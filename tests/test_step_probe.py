@@ -54,6 +54,7 @@ def test_auto_batch_fits_the_cap_leaks_nothing_and_is_recorded(tiny_qwen, rows, 
     auto, processor = _train(tiny_qwen, rows, tmp_path / "auto", batch_size="auto", memory_limit_gib=5.0)
     record = step_probe.step_size_of(auto.model)
     assert record["value"] == 3 and record["how"] == "probe" and record["knob"] == "batch_size"
+    assert record["chosen_as"] == "largest that fits" and record["probe_s"] > 0
     # After 1 and 2 fit, the line through their peaks puts the cap at 3.5 rows: 3 is probed, fits, and ends it.
     assert [size for size, _ in record["probes"]] == [1, 2, 3]
     # The probes' optimiser steps, gradients and RNG draws are gone: the run is the one of batch_size=3.

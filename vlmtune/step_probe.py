@@ -226,10 +226,13 @@ def resolve_step_size(
         logger.warning("%s='auto' without a CUDA device to measure memory on: %s=%d", knob, knob, value)
     else:
         family = family if kernels else None
+        start = time.perf_counter()
         value, found = _search(config, knob, model, collator, prepared, make_optimizer, family, meter, cap)
-        record.update(how="probe", memory_cap_gib=round(cap / GIB, 3), **found)
+        record.update(how="probe", memory_cap_gib=round(cap / GIB, 3), probe_s=round(time.perf_counter() - start, 1))
+        record.update(found)
     record["value"] = value
-    logger.info("%s='auto' chose %d (%s)", knob, value, record["how"])
+    spent = f", {record['probe_s']} s" if "probe_s" in record else ""
+    logger.info("%s='auto' chose %d (%s%s)", knob, value, record["how"], spent)
     model.__dict__[_RECORD] = record
     return dataclasses.replace(config, **{knob: value}), record
 

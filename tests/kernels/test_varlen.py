@@ -127,3 +127,16 @@ def test_the_proxy_keeps_the_registry_readable():
     assert isinstance(function, functools.partial) and function.keywords["fallback"] is sdpa_attention_forward
     assert proxy["sdpa"].keywords["fallback"] is sdpa_attention_forward
     assert "sdpa" in proxy.valid_keys()
+
+
+@pytest.mark.parametrize(
+    "version, scale, keywords",
+    [
+        ("2.11.0+cu130", 0.3, {"window_size": (-1, 0), "scale": 0.3}),
+        ("2.10.1", 64**-0.5, {"is_causal": True}),
+        ("2.10.1", 0.3, None),  # 2.10's kernel has no scale argument: the mask path serves other scales
+    ],
+)
+def test_the_kernel_is_asked_for_causality_as_its_torch_takes_it(version, scale, keywords, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert varlen._flash_keywords(scale, 64) == keywords

@@ -19,12 +19,12 @@ instead. Without the kernels, or where it cannot run, the mask path computes the
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +33,24 @@ GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 
 
 def _flash_varlen() -> Callable | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.9
+    if Version(torch.__version__).release < (2, 10):  # torch.nn.attention.varlen came in 2.10
         return None
+    from torch.nn.attention.varlen import varlen_attn
+
     return varlen_attn
 
 
-@functools.cache
-def _parameters() -> frozenset[str]:
-    return frozenset(inspect.signature(_flash_varlen()).parameters)
-
-
 def _flash_keywords(scale: float | None, head_dim: int) -> dict[str, Any] | None:
-    """How this torch's ``varlen_attn`` asks for causal attention at ``scale`` (2.9-2.10: ``is_causal`` and no
-    scale; later ``window_size`` and ``scale``); ``None`` where it cannot."""
-    keywords: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in _parameters() else {"is_causal": True}
-    if "scale" in _parameters():
-        keywords["scale"] = scale
-    elif scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
+    """How this torch's ``varlen_attn`` asks for causal attention at ``scale``; ``None`` where it cannot.
+
+    torch 2.10 takes ``is_causal`` and no scale (the default ``head_dim ** -0.5`` only); 2.11 replaced ``is_causal``
+    with ``window_size`` and added ``scale``.
+    """
+    if Version(torch.__version__).release >= (2, 11):
+        return {"window_size": (-1, 0), "scale": scale}
+    if scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
         return None
-    return keywords
+    return {"is_causal": True}
 
 
 def reference_varlen(q, k, v, cu_seq, max_len, scale):
@@ -82,10 +79,14 @@ def runs_flash(query: torch.Tensor, scale: float | None = None) -> bool:
     )
 
 
-_announced: list[bool] = []
 KERNEL: Callable | None = None
 """The varlen implementation in use: ``None`` picks :func:`flash_varlen` where it runs; tests set
 :func:`reference_varlen` to run this module's path on the CPU."""
+
+
+@functools.cache
+def _announce(kernel: str) -> None:
+    logger.info("packed rows: attention per sample through %s", kernel)
 
 
 def varlen_attention(module, query, key, value, attention_mask, *, fallback, dropout=0.0, scaling=None, **kwargs):
@@ -107,9 +108,7 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     )
     if not usable:
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if not _announced:
-        _announced.append(True)
-        logger.info("packed rows: attention per sample through %s", getattr(kernel, "__name__", kernel))
+    _announce(getattr(kernel, "__name__", str(kernel)))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: every query head gets its key/value head
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
