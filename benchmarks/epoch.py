@@ -14,9 +14,14 @@ own (fresh CUDA context, ``torch.cuda.set_per_process_memory_fraction`` holding 
   weights restored after), then the plain loop of that benchmark over padded batches of vlmtune's collator, fed by
   a DataLoader with the same workers.
 
-Reported per stack: epoch wall time (the training alone, after set-up and the search), rows/s, optimiser steps,
-the step size chosen, peak allocated memory and the mean loss of the last 10%% of steps (the same rows seen, so
-losses compare). The records go to ``<out>/epoch_<model>.json`` (``$OUT`` when set), the table to stdout.
+``--baseline-batch N`` gives the baselines a batch size instead of the search (each of its probes at a new size can
+cost a compilation in Unsloth). A baseline stopped by ``--timeout`` still reports the rows it trained so far and
+their rate (status ``partial``).
+
+Reported per stack: epoch wall time (the training alone, after set-up and the search; vlmtune's includes its
+probe, ``probe_s``), rows/s, optimiser steps, the step size chosen, peak allocated memory and the mean loss of the
+last 10%% of steps. Every stack sees the same rows, but the losses compare only between runs of as many optimiser
+steps. The records go to ``<out>/epoch_<model>.json`` (``$OUT`` when set), the table to stdout.
 ``--tiny`` runs the tiny Qwen2.5-VL on the CPU: 8 rows, stacks ``vlmtune,hf_bf16``, no memory cap.
 """
 
