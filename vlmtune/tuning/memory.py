@@ -9,6 +9,7 @@ import torch
 from vlmtune.families.base import Family
 from vlmtune.patching import swap_forward, swap_of
 from vlmtune.tuning.config import TuningConfig
+from vlmtune.tuning.offload import AsyncOffload
 
 NO_GRAD = "_vlmtune_no_grad"
 CPU_EMBEDDING = "_vlmtune_cpu_embedding"
@@ -119,7 +120,8 @@ def enable_activation_offload(model: torch.nn.Module) -> None:
 
     With non-reentrant checkpointing the only tensors saved outside the checkpointed layers are the layers'
     inputs and the few ops between them, so this moves exactly the checkpointed activations off the GPU; the
-    recomputation in backward runs outside the context and stays on the GPU.
+    recomputation in backward runs outside the context and stays on the GPU. On CUDA the copies run on a side
+    stream, the next one back ahead of backward (:class:`vlmtune.tuning.offload.AsyncOffload`).
     """
     if swap_of(model, OFFLOAD) is None:
         swap_forward(model, OFFLOAD, _offloaded_forward)
@@ -129,5 +131,7 @@ def _offloaded_forward(model, *args, **kwargs):
     inner = swap_of(model, OFFLOAD).inner
     if not (model.training and torch.is_grad_enabled()):
         return inner(*args, **kwargs)
-    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    # On CUDA the copies run beside the compute (vlmtune.tuning.offload); elsewhere there is no device to free.
+    with AsyncOffload(model) if on_cuda else torch.autograd.graph.save_on_cpu(pin_memory=False):
         return inner(*args, **kwargs)
