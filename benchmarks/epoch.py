@@ -19,9 +19,10 @@ cost a compilation in Unsloth). A baseline stopped by ``--timeout`` still report
 their rate (status ``partial``).
 
 Reported per stack: epoch wall time (the training alone, after set-up and the search; vlmtune's includes its
-probe, ``probe_s``), rows/s, optimiser steps, the step size chosen, peak allocated memory and the mean loss of the
-last 10%% of steps. Every stack sees the same rows, but the losses compare only between runs of as many optimiser
-steps. The records go to ``<out>/epoch_<model>.json`` (``$OUT`` when set), the table to stdout.
+probe, ``probe_s``, and ``train_s`` is its training steps alone), rows/s, optimiser steps, the step size chosen,
+peak allocated memory and the mean loss of the last 10%% of steps. Every stack sees the same rows, but the losses
+compare only between runs of as many optimiser steps. The records go to ``<out>/epoch_<model>.json`` (``$OUT``
+when set), the table to stdout.
 ``--tiny`` runs the tiny Qwen2.5-VL on the CPU: 8 rows, stacks ``vlmtune,hf_bf16``, no memory cap.
 """
 
@@ -120,13 +121,35 @@ def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
         logging_steps=1,
         report=False,
     )
+    clock = _train_clock()
     start = time.perf_counter()
-    result = vlmtune.train(model, processor, family, rows, config, tuning)
+    result = vlmtune.train(model, processor, family, rows, config, tuning, callbacks=[clock])
     wall = time.perf_counter() - start
     chosen = step_size_of(result.model) or {}
     # train() runs the memory probe before the first step: its seconds are inside epoch_s (a user waits for them).
     run = {"epoch_s": wall, "losses": result.losses, "step": {"max_tokens_per_step": chosen.get("value")}}
-    return run | {"probe_s": chosen.get("probe_s")}
+    return run | {"probe_s": chosen.get("probe_s"), "train_s": clock.seconds()}
+
+
+def _train_clock():
+    """A callback timing the training steps alone (first step's start to the end: no probe, no set-up), the part
+    of vlmtune's epoch comparable with a baseline's rate after its warm-up. Built here: the worker imports
+    transformers only after Unsloth, which must come first."""
+    from transformers import TrainerCallback
+
+    class TrainClock(TrainerCallback):
+        start = end = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = self.start or time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+        def seconds(self) -> float | None:
+            return None if self.start is None or self.end is None else self.end - self.start
+
+    return TrainClock()
 
 
 def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[str, Any]:
@@ -244,7 +267,12 @@ def _child(args, stack: str, argv: list[str], log: Path) -> dict[str, Any]:
             status = f"exit {proc.returncode}"
         except subprocess.TimeoutExpired:
             status = f"stopped after {args.timeout:.0f} s"
-    lines = log.read_text(errors="replace").splitlines()
+    return record_from_log(stack, status, log.read_text(errors="replace").splitlines())
+
+
+def record_from_log(stack: str, status: str, lines: list[str]) -> dict[str, Any]:
+    """A stack's record from its log: the worker's result line, else an error or, after progress lines, the
+    ``partial`` rate of the rows trained before it stopped."""
     for line in lines:
         if line.startswith(PREFIX):
             return json.loads(line[len(PREFIX) :])

@@ -30,3 +30,17 @@ def test_tiny_epoch_runs_every_stack_on_the_same_rows(tmp_path, monkeypatch):
     # vlmtune packs the 4 rows under one max_length budget (the CPU default of "auto"); hf_bf16 runs batch 4.
     assert results["vlmtune"]["step"] == {"max_tokens_per_step": 2048} and results["vlmtune"]["steps"] == 1
     assert results["hf_bf16"]["step"] == {"batch_size": 4} and results["hf_bf16"]["steps"] == 1
+    vlmtune = results["vlmtune"]  # no probe on the CPU; its training steps are part of its epoch
+    assert vlmtune["probe_s"] is None and 0 < vlmtune["train_s"] < vlmtune["epoch_s"]
+
+
+def test_a_stopped_baseline_keeps_the_rate_of_the_rows_it_trained():
+    progress = {"rows": 640, "epoch_s": 20.0, "batch_size": 128, "losses": [3.0] * 9 + [1.0]}
+    lines = ["[  4.2 s] unsloth set up", epoch.PROGRESS + json.dumps(progress), "Traceback ..."]
+    record = epoch.record_from_log("unsloth", "stopped after 230 s", lines)
+    assert record["status"] == "partial" and record["rows"] == 640 and record["rows_per_s"] == 32.0
+    assert record["steps"] == 10 and record["final_loss"] == 1.0 and record["step"] == {"batch_size": 128}
+    assert "stopped after 230 s" in record["reason"]
+    assert "(stopped after 640 rows)" in epoch.table([record])
+    failed = epoch.record_from_log("vlmtune", "exit 1", ["Traceback ...", "OutOfMemoryError"])
+    assert failed["status"] == "error" and "OutOfMemoryError" in failed["reason"] and "| error" in epoch.table([failed])
