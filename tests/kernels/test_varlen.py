@@ -18,6 +18,7 @@ from vlmtune.data.budget import pack_budget
 from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.packing import PackedCollator
+from vlmtune.data.positions import packed_row_keywords
 from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.kernels.hf import varlen
 from vlmtune.kernels.patch import apply_kernels
@@ -40,7 +41,7 @@ def test_varlen_equals_the_block_diagonal_mask(heads, kv_heads, monkeypatch):
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     module.is_causal = True
-    flash = varlen.packed_row_keywords(lengths)
+    flash = packed_row_keywords(lengths)
     got, _ = varlen.varlen_attention(module, q, k, v, None, fallback=None, scaling=0.3, **flash)
     want, _ = sdpa_attention_forward(module, q, k, v, _block_causal_mask(lengths), scaling=0.3)
     assert got.shape == (1, sum(lengths), heads, dim)
@@ -58,7 +59,7 @@ def test_anything_but_a_packed_row_goes_to_the_configured_function(monkeypatch):
     q = torch.randn(2, 2, 4, 8)
     module = torch.nn.Module()
     assert varlen.varlen_attention(module, q, q, q, None, fallback=fallback)[0] == "configured"  # no boundaries
-    flash = varlen.packed_row_keywords([2, 2])
+    flash = packed_row_keywords([2, 2])
     assert varlen.varlen_attention(module, q, q, q, None, fallback=fallback, **flash)[0] == "configured"  # batch 2
     one = q[:1]
     assert varlen.varlen_attention(module, one, one, one, None, fallback=fallback, sliding_window=2, **flash)[0] == (

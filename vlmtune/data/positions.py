@@ -6,6 +6,8 @@ function (its descriptor) uses these to keep attention inside each sample.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -17,6 +19,14 @@ def packed_sequence_ids(lengths: list[int]) -> torch.Tensor:
 def text_positions(lengths: list[int]) -> torch.Tensor:
     """``(T,)`` positions restarting at 0 with every sample."""
     return torch.cat([torch.arange(n) for n in lengths])
+
+
+def packed_row_keywords(lengths: list[int]) -> dict[str, Any]:
+    """A packed row's sample boundaries under transformers' flash-attention keyword names: ``cu_seq_lens_q`` /
+    ``_k`` ``(n + 1,)`` int32 and ``max_length_q`` / ``_k``; built on the host, so no layer syncs to read them."""
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def image_block_ids(image_tokens: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,9 @@ import torch
 import transformers
 from packaging.version import Version
 
-from vlmtune.data.positions import text_positions
+from vlmtune.data.positions import packed_row_keywords, text_positions
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.minicpmv4_6.tiny import build_minicpmv4_6
-from vlmtune.kernels.hf.varlen import packed_row_keywords
 from vlmtune.patching import swap_forward, swap_of
 
 DOWNSAMPLE_MODES = ("16x", "4x")

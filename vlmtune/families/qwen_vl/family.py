@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from vlmtune.data.positions import text_positions
+from vlmtune.data.positions import packed_row_keywords, text_positions
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.qwen_vl.tiny import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
-from vlmtune.kernels.hf.varlen import packed_row_keywords
 
 
 def process_images(processor, images: list, options: dict[str, Any]) -> ImageBatch:

@@ -2,18 +2,19 @@
 
 A packed row of ``T`` tokens holds many samples. transformers turns its position restarts into a ``(1, 1, T, T)``
 mask, and SDPA with a mask runs the memory-efficient kernel over all ``T x T`` scores: the attention of a step
-grows with the square of the row, however short its samples. Measured on an H200 (Qwen2.5-VL-7B QLoRA, token
-budgets of LaTeX-OCR rows of ~85 tokens), tokens/s fell from 4,180 at a 7,520-token row to 1,936 at 28,096.
-``torch.nn.attention.varlen.varlen_attn`` computes each sample's causal attention alone from the row's sample
-boundaries, so its cost is the sum of the samples' squares.
+grows with the square of the row, however short its samples. Measured on an H200 (Qwen2.5-VL-7B QLoRA, packed
+LaTeX-OCR rows of ~85 tokens each): a probe step took 1.8 s at 7,520 tokens and 17 s at 30,080, and training at
+28,096 ran 1,936 tokens/s. ``torch.nn.attention.varlen.varlen_attn`` computes each sample's causal attention alone
+from the row's sample boundaries, so its cost is the sum of the samples' squares: 11,300 tokens/s at 30,080.
 
 The boundaries travel as transformers' flash-attention keyword arguments (``cu_seq_lens_q`` / ``_k``,
-``max_length_q`` / ``_k``), which the family's ``pack`` function adds to a packed batch on the host (no device
-sync per layer) and which transformers hands down to every attention call. The language tower's patched
-attention forward (:mod:`vlmtune.kernels.hf.rope` builds it) sees :class:`AttentionFunctions` as its
-``ALL_ATTENTION_FUNCTIONS``: the configured function as before, except on a packed row the flash kernel can run
-(CUDA, 16-bit, no sliding window, not inside a ``torch.compile`` graph), where :func:`varlen_attention` runs
-instead. Without the kernels, or where it cannot run, the mask path computes the same attention.
+``max_length_q`` / ``_k``). The family's ``pack`` function adds them to a packed batch on the host
+(:func:`vlmtune.data.positions.packed_row_keywords`, so no layer syncs to read them), and transformers hands them
+down to every attention call. The language tower's patched attention forward (:mod:`vlmtune.kernels.hf.rope`
+builds it) sees :class:`AttentionFunctions` as its ``ALL_ATTENTION_FUNCTIONS``: the configured function as
+before, except on a packed row the flash kernel can run (CUDA, 16-bit, no sliding window, not inside a
+``torch.compile`` graph), where :func:`varlen_attention` runs instead. Without the kernels, or where it cannot
+run, the mask path computes the same attention.
 """
 
 from __future__ import annotations
@@ -131,14 +132,3 @@ class AttentionFunctions:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._functions, name)
-
-
-def packed_row_keywords(lengths: list[int]) -> dict[str, Any]:
-    """The flash-attention keyword arguments of a packed row of samples of ``lengths`` tokens."""
-    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    return {
-        "cu_seq_lens_q": bounds,
-        "cu_seq_lens_k": bounds,
-        "max_length_q": max(lengths),
-        "max_length_k": max(lengths),
-    }
