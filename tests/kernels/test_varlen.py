@@ -73,7 +73,7 @@ def test_the_cpu_takes_the_mask_path():
     assert varlen.KERNEL is None and not varlen.runs_flash(q)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_minicpmv4_6"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_qwen3_vl", "tiny_minicpmv4_6"])
 def test_kernels_with_varlen_equal_the_plain_masked_path(fixture, request, tmp_path, monkeypatch):
     calls = []
 
