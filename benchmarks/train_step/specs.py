@@ -320,6 +320,8 @@ class BenchConfig:
         offload: vlmtune's activation offload (``TuningConfig(offload_activations=True)``).
         lora_dtype: vlmtune's ``TuningConfig.lora_dtype`` (``"float32"`` or ``"compute"``).
         vision_micro_batch: vlmtune's ``TuningConfig.vision_micro_batch`` (images per vision-tower pass).
+        vision_checkpointing: vlmtune's ``TuningConfig.vision_checkpointing`` (``"attention"``: keep the
+            attention outputs through the recomputation).
         compile: vlmtune's ``TrainConfig.compile`` (``"language"``, ``"vision"``, ``"both"``): the towers' layers
             compiled one by one (``vlmtune.compile.compile_layers``) after the kernels are applied.
         packed: train on each step's samples packed into one padding-free row (``vlmtune.data.packing``) instead
@@ -337,6 +339,7 @@ class BenchConfig:
     offload: bool = False
     lora_dtype: str = "float32"
     vision_micro_batch: int | None = None
+    vision_checkpointing: bool | str = True
     packed: bool = False
     compile: str = "off"
 
@@ -374,6 +377,20 @@ CONFIGS: dict[str, BenchConfig] = {
         kernels=True,
         offload=True,
         lora_dtype="compute",
+    ),
+    "vlmtune_qlora_kernels_offload_only": BenchConfig(
+        "vlmtune",
+        True,
+        "vlmtune QLoRA, kernels on, checkpointed activations offloaded to CPU (the whole batch per vision pass)",
+        kernels=True,
+        offload=True,
+    ),
+    "vlmtune_qlora_kernels_keep_attention": BenchConfig(
+        "vlmtune",
+        True,
+        "vlmtune QLoRA, kernels on, the vision layers' attention outputs kept through the recomputation",
+        kernels=True,
+        vision_checkpointing="attention",
     ),
     "vlmtune_qlora_kernels_micro": BenchConfig(
         "vlmtune",

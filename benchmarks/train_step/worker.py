@@ -171,6 +171,7 @@ def setup_vlmtune(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: s
         offload_activations=cfg.offload,
         lora_dtype=cfg.lora_dtype,
         vision_micro_batch=cfg.vision_micro_batch,
+        vision_checkpointing=cfg.vision_checkpointing,
     )
     model = apply_tuning(model, adapter, tuning)
     info: dict[str, Any] = {}

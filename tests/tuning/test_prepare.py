@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 import vlmtune
 from vlmtune.tiny import BUILDERS
@@ -124,3 +125,50 @@ def test_tied_lm_head_trains_as_one_matrix_with_the_embedding(loaded, towers, ti
         optimizer.step()
         assert sum(p is head.weight for group in optimizer.param_groups for p in group["params"]) == 1
         assert not torch.equal(head.weight, before) and head.weight is embedding.weight
+
+
+class _CountAttention(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts SDPA's fused attention ops as they run."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from vlmtune.tuning.prepare import _ATTENTION_OPS
+
+        self.calls += func in _ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_vision_checkpointing_attention_keeps_the_attention_out_of_the_recomputation(tiny_gemma):
+    from vlmtune.data.collator import Collator
+    from vlmtune.testing import init_lora_b
+
+    grads, attention_in_backward = {}, {}
+    for mode in (True, "attention"):
+        torch.manual_seed(0)
+        model, processor, family = vlmtune.load(tiny_gemma, dtype="float32")
+        model = apply_tuning(model, family, TuningConfig(vision="lora", vision_checkpointing=mode)).train()
+        init_lora_b(model, std=0.05, seed_per_matrix=True)
+        row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "x^2"}]}],
+               "images": [Image.new("RGB", (32, 32), (200, 40, 90))]}  # fmt: skip
+        batch = Collator(family, processor, model.config)([{"index": 0, "row": row}])
+        loss = model(**batch).loss
+        with _CountAttention() as counter:
+            loss.backward()
+        attention_in_backward[mode] = counter.calls
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.vision_config.num_hidden_layers
+    # Full checkpointing runs each vision layer's attention again in backward; "attention" takes it from the
+    # forward (the language tower still recomputes its own).
+    assert attention_in_backward[True] - attention_in_backward["attention"] == layers
+    assert grads[True].keys() == grads["attention"].keys()
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grads["attention"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_vision_checkpointing_takes_only_its_modes():
+    with pytest.raises(ValueError, match="vision_checkpointing must be True, False or 'attention'"):
+        TuningConfig(vision_checkpointing="selective")

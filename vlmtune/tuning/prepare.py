@@ -54,6 +54,37 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         config.use_cache = False
 
 
+_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+)
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_contexts():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+def checkpoint_keeping_attention(function, *args, **kwargs):
+    """Non-reentrant checkpointing that saves the outputs of SDPA's fused attention ops: the recomputation in
+    backward runs everything else of the layer again and takes the attention from what was saved."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
+
+
 def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     """Wrap ``model`` with PEFT LoRA as ``config`` says; freeze everything else.
 
@@ -71,11 +102,14 @@ def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
         # requires grad, which only reentrant checkpointing needs. On a frozen vision tower with a trained projector
         # inside (Qwen2-VL, Qwen2.5-VL, MiniCPM-V 4.6) that made every frozen block record a graph for backward.
         _disable_input_require_grads(model)
-        if not config.vision_checkpointing:
-            for name, module in model.named_modules():
-                # transformers' GradientCheckpointingLayer checks this flag per layer on every call.
-                if family.tower_of(name) == "vision" and getattr(module, "gradient_checkpointing", False):
+        for name, module in model.named_modules():
+            # transformers' GradientCheckpointingLayer checks this flag per layer on every call, and calls the
+            # layer's own _gradient_checkpointing_func.
+            if family.tower_of(name) == "vision" and getattr(module, "gradient_checkpointing", False):
+                if not config.vision_checkpointing:
                     module.gradient_checkpointing = False
+                elif config.vision_checkpointing == "attention":
+                    module._gradient_checkpointing_func = checkpoint_keeping_attention
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
