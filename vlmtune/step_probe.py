@@ -281,7 +281,9 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
         return peak
 
     try:
-        found = largest_fitting(measure, usable, smallest, largest, granularity, describe, knob, TOLERANCE, True)
+        found = largest_fitting(
+            measure, usable, smallest, largest, granularity, describe, knob, tolerance=TOLERANCE, predict=True
+        )
         chosen, how = found.size, "largest that fits"
         faster = fastest_fit(found.probes, rates, usable) if meter is cuda_peak else None
         if faster is not None and faster != chosen:
