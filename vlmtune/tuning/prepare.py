@@ -13,6 +13,7 @@ import logging
 import torch
 import transformers
 from packaging.version import Version
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from vlmtune.families.base import Family
 from vlmtune.quiet import peft_wrapping
@@ -66,22 +67,16 @@ _ATTENTION_OPS = tuple(
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _keep_attention_contexts():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     return create_selective_checkpoint_contexts(_keep_attention)
 
 
 def checkpoint_keeping_attention(function, *args, **kwargs):
     """Non-reentrant checkpointing that saves the outputs of SDPA's fused attention ops: the recomputation in
     backward runs everything else of the layer again and takes the attention from what was saved."""
-    from torch.utils.checkpoint import checkpoint
-
     return checkpoint(function, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
 
 

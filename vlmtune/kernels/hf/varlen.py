@@ -33,8 +33,14 @@ GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 """The modeling modules' global that the patched attention forward reads."""
 
 
+@functools.cache
+def _release(version: str) -> tuple[int, ...]:
+    """``torch.__version__``'s release numbers, parsed once (the attention path asks at every layer)."""
+    return Version(version).release
+
+
 def _flash_varlen() -> Callable | None:
-    if Version(torch.__version__).release < (2, 10):  # torch.nn.attention.varlen came in 2.10
+    if _release(torch.__version__) < (2, 10):  # torch.nn.attention.varlen came in 2.10
         return None
     from torch.nn.attention.varlen import varlen_attn
 
@@ -47,7 +53,7 @@ def _flash_keywords(scale: float | None, head_dim: int) -> dict[str, Any] | None
     torch 2.10 takes ``is_causal`` and no scale (the default ``head_dim ** -0.5`` only); 2.11 replaced ``is_causal``
     with ``window_size`` and added ``scale``.
     """
-    if Version(torch.__version__).release >= (2, 11):
+    if _release(torch.__version__) >= (2, 11):
         return {"window_size": (-1, 0), "scale": scale}
     if scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
         return None
