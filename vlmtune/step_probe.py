@@ -251,10 +251,6 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
         def describe(size: int) -> str:
             return f"batch_size={size} (the longest sample, {lengths[order[0]]} tokens)"
     else:
-        from vlmtune.data.packing import PackedCollator
-
-        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        packer = PackedCollator(collator, attn_implementation=attn)
         smallest, largest, granularity = lengths[order[0]], sum(lengths), TOKEN_GRANULARITY
 
         def build(size: int) -> dict[str, Any]:
@@ -271,6 +267,16 @@ def _search(config, knob, model, collator, prepared, make_optimizer, family, met
     probe = _Probe(model, make_optimizer, meter)
     usable = int(cap * HEADROOM)
     switch = KernelSwitch(model, family, enabled=family is not None)
+    if knob != "batch_size":  # rows as the run builds them, which the kernels decide (its build() reads this)
+        from vlmtune.compile import resolve_compile
+        from vlmtune.data.packing import PackedCollator
+        from vlmtune.kernels.hf.rope import packed_attention
+
+        compiled = resolve_compile(config.compile, model) in ("language", "both")
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if family is not None:
+            attn = packed_attention(model, family, compiled)
+        packer = PackedCollator(collator, attn_implementation=attn)
     rates: dict[int, float] = {}
 
     def measure(size: int) -> int | None:

@@ -325,16 +325,12 @@ def train(
         config, model, collator, prepared, lambda: make_optimizer(model, family, tuning, config), family,
         kernels=use_kernels(config, model),
     )  # fmt: skip
-    data_collator = collator
     if config.packing:
-        from vlmtune.data.packing import PackedCollator, collate_bin, packed_bins
+        from vlmtune.data.packing import packed_bins
 
-        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
         dataset = packed_bins(dataset, config)
         eval_dataset = packed_bins(eval_prepared, config) if eval_prepared is not None else None
         config = dataclasses.replace(config, batch_size=1)
-    data_collator = TimedCollate(data_collator)
     losses: list[float] = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     mode, per_device = resolve_mode(config.distributed, launched_world_size()), per_device_batch(config)
@@ -348,6 +344,14 @@ def train(
         trainer_class, sharding, kernels_ok = fsdp_trainer(model, family, processor, tuning, config)
     kernels = KernelSwitch(model, family, enabled=use_kernels(config, model) and kernels_ok)
     compiled = compile_layers(model, family, resolve_compile(config.compile, model))
+    data_collator = collator
+    if config.packing:  # after the kernels and compilation: they decide how packed rows attend
+        from vlmtune.data.packing import PackedCollator, collate_bin
+        from vlmtune.kernels.hf.rope import packed_attention
+
+        attn = packed_attention(model, family, compiled="language" in compiled.layers)
+        data_collator = collate_bin(PackedCollator(collator, attn_implementation=attn))
+    data_collator = TimedCollate(data_collator)
     trainer = trainer_class(
         model=model,
         args=args,

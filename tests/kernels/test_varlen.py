@@ -12,15 +12,22 @@ from transformers import set_seed
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import vlmtune
-from tests.data.test_packing import MINICPMV4_6_MODE
+from tests.data.test_packing import MINICPMV4_6_MODE, TEXT_ROW, assert_packed_matches_padded, tuned_model
 from tests.kernels.test_packed_batches import IMAGE_OPTIONS, _loss_and_grads
 from vlmtune.data.budget import pack_budget
 from vlmtune.data.collator import Collator
 from vlmtune.data.latex_ocr import make_latex_ocr
 from vlmtune.data.packing import PackedCollator
-from vlmtune.data.positions import packed_row_keywords
+from vlmtune.data.positions import (
+    packed_attention_masks,
+    packed_image_blocks,
+    packed_row_keywords,
+    packed_sequence_ids,
+    text_positions,
+)
 from vlmtune.data.spec import DataSpec, load_rows
 from vlmtune.kernels.hf import varlen
+from vlmtune.kernels.hf.rope import packed_attention
 from vlmtune.kernels.patch import apply_kernels
 from vlmtune.testing import init_lora_b
 
@@ -62,7 +69,7 @@ def test_anything_but_a_packed_row_goes_to_the_configured_function(monkeypatch):
     flash = packed_row_keywords([2, 2])
     assert varlen.varlen_attention(module, q, q, q, None, fallback=fallback, **flash)[0] == "configured"  # batch 2
     one = q[:1]
-    assert varlen.varlen_attention(module, one, one, one, None, fallback=fallback, sliding_window=2, **flash)[0] == (
+    assert varlen.varlen_attention(module, one, one, one, None, fallback=fallback, sliding_window=1, **flash)[0] == (
         "configured"
     )
     assert len(calls) == 3 and "cu_seq_lens_q" in calls[1]
@@ -141,3 +148,137 @@ def test_the_proxy_keeps_the_registry_readable():
 def test_the_kernel_is_asked_for_causality_as_its_torch_takes_it(version, scale, keywords, monkeypatch):
     monkeypatch.setattr(torch, "__version__", version)
     assert varlen._flash_keywords(scale, 64) == keywords
+
+
+# Three samples of 7, 5 and 9 tokens: an image at 2-4 in the first, none in the second, two in the third.
+GEMMA_LENGTHS = [7, 5, 9]
+GEMMA_IMAGES = torch.tensor([0, 0, 1, 1, 1, 0, 0] + [0] * 5 + [0, 1, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+
+
+def _gemma_mask(window=None):
+    kind = "full_attention" if window is None else "sliding_attention"
+    ids, positions = packed_sequence_ids(GEMMA_LENGTHS), text_positions(GEMMA_LENGTHS)
+    return packed_attention_masks(ids, positions, GEMMA_IMAGES, window, "sdpa")[kind]
+
+
+def _gemma_qkv(heads=4, kv_heads=2, dim=8):
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, sum(GEMMA_LENGTHS), dim)
+    k, v = (torch.randn(1, kv_heads, sum(GEMMA_LENGTHS), dim) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    return module, q, k, v
+
+
+@pytest.mark.parametrize("window", [None, 9, 16])  # a window no shorter than the longest sample changes nothing
+def test_image_blocks_attend_as_gemma3s_mask(window, monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])  # causal or not
+        return varlen.reference_varlen(*args)
+
+    monkeypatch.setattr(varlen, "KERNEL", counted)
+    module, q, k, v = _gemma_qkv()
+    blocks = packed_image_blocks(GEMMA_LENGTHS, GEMMA_IMAGES)
+    keywords = {**packed_row_keywords(GEMMA_LENGTHS), varlen.IMAGE_BLOCKS: blocks, "sliding_window": window}
+    got, _ = varlen.varlen_attention(module, q, k, v, None, fallback=None, scaling=0.3, **keywords)
+    want, _ = sdpa_attention_forward(module, q, k, v, _gemma_mask(), scaling=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert calls == [True, False]  # the samples causally, then the image blocks whole
+
+
+def test_a_row_without_a_mask_gets_its_mask_built_where_varlen_cannot_run(monkeypatch):
+    # A window shorter than a sample (and the CPU without a kernel): the configured function, with the mask the
+    # host would have built, made once per row and window.
+    module, q, k, v = _gemma_qkv()
+    blocks = packed_image_blocks(GEMMA_LENGTHS, GEMMA_IMAGES)
+    keywords = {**packed_row_keywords(GEMMA_LENGTHS), varlen.IMAGE_BLOCKS: blocks}
+    masks = []
+
+    def fallback(module, q, k, v, mask, **kwargs):
+        masks.append(mask)
+        assert varlen.IMAGE_BLOCKS not in kwargs
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+
+    for window in (4, 4, None):
+        monkeypatch.setattr(varlen, "KERNEL", varlen.reference_varlen if window else None)
+        got, _ = varlen.varlen_attention(
+            module, q, k, v, None, fallback=fallback, scaling=0.3, sliding_window=window, **keywords
+        )
+        want, _ = sdpa_attention_forward(module, q, k, v, _gemma_mask(window), scaling=0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masks[0], _gemma_mask(4)) and masks[1] is masks[0]  # the row's mask, built once
+    assert torch.equal(masks[2], _gemma_mask())
+
+
+def test_image_blocks_by_hand():
+    blocks = packed_image_blocks(GEMMA_LENGTHS, GEMMA_IMAGES)
+    assert blocks["queries"].tolist() == [2, 3, 4, 13, 14, 15, 17, 18, 19]
+    # Each image's keys: its sample from the start up to the image's end.
+    assert blocks["keys"].tolist() == [0, 1, 2, 3, 4, *range(12, 16), *range(12, 20)]
+    assert blocks["cu_q"].tolist() == [0, 3, 6, 9] and blocks["cu_k"].tolist() == [0, 5, 9, 17]
+    assert (blocks["max_q"], blocks["max_k"]) == (3, 8)
+    none = packed_image_blocks([3], torch.zeros(3, dtype=torch.bool))
+    assert none["queries"].numel() == 0 and none["cu_q"].tolist() == [0] and none["max_q"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["reference varlen", "masks built on the device"])
+def test_gemma3_rows_without_masks_match_padded_samples(kernel, tiny_gemma, latex_data, monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return varlen.reference_varlen(*args)
+
+    monkeypatch.setattr(varlen, "KERNEL", counted if kernel == "reference varlen" else None)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    model, collator = tuned_model(tiny_gemma, "sdpa")
+    assert packed_attention(model, collator.family) == "sdpa"
+    patch = apply_kernels(model, collator.family, ops=("rope",))  # the language attention's forward
+    try:
+        assert packed_attention(model, collator.family) == "varlen"
+        assert packed_attention(model, collator.family, compiled=True) == "sdpa"
+        chosen = [collator.encode(TEXT_ROW, 99), collator.encode(rows[0], 0), collator.encode(rows[1], 1)]
+        packed = PackedCollator(collator, attn_implementation="varlen").pack(chosen)
+        assert packed["attention_mask"] == {"sliding_attention": None, "full_attention": None}
+        assert packed[varlen.IMAGE_BLOCKS]["cu_q"].numel() == 3  # two images
+        assert_packed_matches_padded(model, collator, chosen, "varlen")
+    finally:
+        patch.revert()
+    longest, window = max(len(e.input_ids) for e in chosen), model.config.get_text_config().sliding_window
+    assert longest > window  # the tiny model's sliding layer keeps the (device-built) mask
+    # The full-attention layer ran per sample: the samples, then the images, once for the packed row.
+    assert calls == ([True, False] if kernel == "reference varlen" else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim, scale", [(256, 256**-0.5), (128, 0.1)])  # Gemma-3-4B's heads; another scale
+def test_flash_image_blocks_match_the_mask_on_cuda(dim, scale):
+    torch.manual_seed(0)
+    lengths = [300, 41, 517, 97]
+    images = torch.zeros(sum(lengths), dtype=torch.bool)
+    images[5:261] = True  # a 256-token image after the first sample's prompt
+    images[341 + 10 : 341 + 266] = images[341 + 270 : 341 + 300] = True  # two in the third sample
+    q = torch.randn(1, 8, sum(lengths), dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 4, sum(lengths), dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    cuda = {
+        key: value.cuda() if torch.is_tensor(value) else value for key, value in packed_row_keywords(lengths).items()
+    }
+    blocks = {
+        key: value.cuda() if torch.is_tensor(value) else value
+        for key, value in packed_image_blocks(lengths, images).items()
+    }
+    assert varlen.runs_flash(q, scale)
+    got, _ = varlen.varlen_attention(
+        module, q, k, v, None, fallback=None, scaling=scale, **cuda, packed_image_blocks=blocks
+    )
+    mask = packed_attention_masks(packed_sequence_ids(lengths), text_positions(lengths), images, None, "sdpa")
+    want, _ = sdpa_attention_forward(module, q, k, v, mask["full_attention"].cuda(), scaling=scale)
+    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad, want_grad, rtol=5e-2, atol=5e-2 * want_grad.abs().max().item())

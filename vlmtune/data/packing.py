@@ -89,7 +89,8 @@ class PackedCollator:
     Args:
         collator: the family's :class:`Collator` (encoding, image processing, extra keys).
         attn_implementation: the model's attention implementation; families whose masks are built here
-            (Gemma-3) need it to pick boolean (``"sdpa"``) or additive (``"eager"``) masks.
+            (Gemma-3) need it to pick boolean (``"sdpa"``) or additive (``"eager"``) masks, or none for
+            ``"varlen"`` (the kernels attend per sample: :func:`vlmtune.kernels.hf.rope.packed_attention`).
 
     The returned batch holds ``input_ids``/``labels`` ``(1, T)``, the family's image tensors in sample order,
     its extra keys concatenated along the sequence (or, where they are not tensors, rebuilt for the row by the

@@ -29,6 +29,43 @@ def packed_row_keywords(lengths: list[int]) -> dict[str, Any]:
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
+def packed_image_blocks(lengths: list[int], image_tokens: torch.Tensor) -> dict[str, Any]:
+    """Each image of a packed row as one bidirectional attention block, in the varlen layout (built on the host).
+
+    A Gemma-3 image token attends to every earlier token of its sample and to the whole of its image: queries
+    ``[a, b)`` (the image's tokens in the row) against keys ``[s, b)`` (from the start ``s`` of its sample to
+    the image's end), with no causal mask. Returns ``queries`` / ``keys``: ``int64`` row indices of every block's
+    queries and keys, block after block; ``cu_q`` / ``cu_k``: ``(n + 1,)`` ``int32`` boundaries into them;
+    ``max_q`` / ``max_k``: the longest block's counts (0 for a row without images).
+    """
+    tokens = image_tokens.tolist()
+    starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    queries, keys, q_counts, k_counts = [], [], [0], [0]
+    for sample_start, sample_end in zip(starts[:-1], starts[1:], strict=True):
+        i = sample_start
+        while i < sample_end:
+            if not tokens[i]:
+                i += 1
+                continue
+            end = i
+            while end < sample_end and tokens[end]:
+                end += 1
+            queries.append(torch.arange(i, end))
+            keys.append(torch.arange(sample_start, end))
+            q_counts.append(end - i)
+            k_counts.append(end - sample_start)
+            i = end
+    empty = torch.zeros(0, dtype=torch.long)
+    return {
+        "queries": torch.cat(queries) if queries else empty,
+        "keys": torch.cat(keys) if keys else empty,
+        "cu_q": torch.tensor(q_counts).cumsum(0).to(torch.int32),
+        "cu_k": torch.tensor(k_counts).cumsum(0).to(torch.int32),
+        "max_q": max(q_counts),
+        "max_k": max(k_counts),
+    }
+
+
 def image_block_ids(image_tokens: torch.Tensor) -> torch.Tensor:
     """``(T,)`` one id per run of image tokens (an image), -1 on text; as Gemma-3's ``token_type_ids`` blocks."""
     starts = image_tokens & ~torch.nn.functional.pad(image_tokens, (1, 0))[:-1]

@@ -129,7 +129,9 @@ class Family:
             ``(batch, images, lengths, collator, attn_implementation) -> dict`` of keys replacing or adding to
             those of the concatenated batch (``position_ids``, ``attention_mask`` ...). It must also supply every
             non-tensor key of the per-sample batches (``image_bound``, ``downsample_mode``), which do not
-            concatenate. ``None``: the family does not support packing.
+            concatenate. ``attn_implementation`` is the model's, or ``"varlen"`` where the kernels' language
+            attention attends per sample from the row's boundaries (:mod:`vlmtune.kernels.hf.varlen`), so masks
+            built on the host can be left out. ``None``: the family does not support packing.
         tiny: the builders of the family's tiny random checkpoints, one per ``model_type``
             (``(out_folder) -> None``; see :mod:`vlmtune.tiny`).
         vision_norm_kind: ``"layer_norm"`` where the vision tower (and projector) normalise with ``nn.LayerNorm``

@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from vlmtune.data.positions import packed_attention_masks, packed_sequence_ids, text_positions
+from vlmtune.data.positions import (
+    packed_attention_masks,
+    packed_image_blocks,
+    packed_row_keywords,
+    packed_sequence_ids,
+    text_positions,
+)
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.gemma3.tiny import build_gemma3
 
@@ -51,23 +57,36 @@ def batch_extras(batch: dict, images: ImageBatch, processor, model_config) -> di
 
 
 def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn_implementation: str) -> dict:
-    """Packed rows: ``attention_mask`` is a dict ``{"full_attention": mask, "sliding_attention": mask}`` of 4-D
-    masks built here, which ``Gemma3Model.forward`` passes through unchanged ("may already have been prepared").
+    """Packed rows: ``attention_mask`` is a dict ``{"full_attention": ..., "sliding_attention": ...}``, which
+    ``Gemma3Model.forward`` passes through unchanged ("may already have been prepared").
 
-    transformers' own packed path is wrong for the sliding layers: it composes
-    ``blockwise_overlay(block_sequence_ids)`` as an ``or_mask_function``, and the packed remap then feeds that
-    overlay per-sample positions instead of row indices, so image bidirectionality lands on the wrong tokens
-    (checked in 5.23's ``create_masks_for_vision_model``). The masks cost ``T * T`` booleans (``float32`` for
-    eager) per layer type: 64 MiB at T = 8192 in bool.
+    For ``"sdpa"`` and ``"eager"`` it holds 4-D masks built here. transformers' own packed path is wrong for the
+    sliding layers: it composes ``blockwise_overlay(block_sequence_ids)`` as an ``or_mask_function``, and the
+    packed remap then feeds that overlay per-sample positions instead of row indices, so image bidirectionality
+    lands on the wrong tokens (checked in 5.23's ``create_masks_for_vision_model``). The masks cost ``T * T``
+    booleans (``float32`` for eager) per layer type: 1.2 GB each at T = 34,560 in bool.
+
+    For ``"varlen"`` (the kernels' language attention, :mod:`vlmtune.kernels.hf.varlen`) no mask is built: the
+    row carries its sample boundaries and its images' blocks (:func:`packed_image_blocks`), and every layer
+    attends per sample from them.
     """
-    if attn_implementation not in ("sdpa", "eager"):
+    if attn_implementation not in ("sdpa", "eager", "varlen"):
         raise ValueError(f"packing Gemma-3 needs attn_implementation 'sdpa' or 'eager', got {attn_implementation!r}")
     positions = text_positions(lengths)
     text_config = collator.model_config.get_text_config()
+    image_tokens = batch["token_type_ids"][0].bool()
+    if attn_implementation == "varlen":
+        types = getattr(text_config, "layer_types", None) or ["full_attention", "sliding_attention"]
+        return {
+            "position_ids": positions[None],
+            "attention_mask": dict.fromkeys(types),
+            **packed_row_keywords(lengths),
+            "packed_image_blocks": packed_image_blocks(lengths, image_tokens),
+        }
     masks = packed_attention_masks(
         packed_sequence_ids(lengths),
         positions,
-        batch["token_type_ids"][0].bool(),
+        image_tokens,
         getattr(text_config, "sliding_window", None),
         attn_implementation,
     )

@@ -37,6 +37,8 @@ class _RopeData:
     attention_class: type
     kernel: Callable
     _forward: Callable | None = None
+    per_sample: bool = False
+    """Whether the built forward sees the packed-row attention functions (set when it is built)."""
 
     def forward(self) -> Callable:
         if self._forward is None:
@@ -47,6 +49,7 @@ class _RopeData:
             if functions is not None and varlen.GLOBAL in _read_globals(self.attention_class.forward):
                 # Packed rows attend per sample through the varlen kernel (vlmtune.kernels.hf.varlen).
                 forward = with_global(forward, varlen.GLOBAL, varlen.AttentionFunctions(functions))
+                self.per_sample = True
             self._forward = forward
         return self._forward
 
@@ -102,3 +105,30 @@ def _rope_or_fallback(q, k, cos, sin, *args, kernel, fallback, **kwargs):
     if not supported:
         return fallback(q, k, cos, sin, *args, **kwargs)
     return kernel(q, k, cos, sin)
+
+
+def packed_attention(model, family, compiled: bool = False) -> str:
+    """The attention that ``model``'s packed rows are built for (:class:`vlmtune.data.packing.PackedCollator`):
+    ``"varlen"`` where every attention module of the language tower runs the rope op's forward, whose packed-row
+    functions attend per sample from the row's boundaries (:mod:`vlmtune.kernels.hf.varlen`), so a family that
+    builds dense masks on the host (Gemma-3) leaves them out; else the model's own implementation.
+
+    ``compiled``: the language tower's layers are compiled, which keeps the mask path (so the masks are needed).
+    """
+    from vlmtune.kernels.patch import _base_model
+
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if compiled or attn != "sdpa":
+        return attn
+    base = _base_model(model)
+    attentions = [
+        module
+        for name, module in base.named_modules()
+        if family.tower_of(name) == "language" and varlen.GLOBAL in _read_globals(type(module).forward)
+    ]
+    return "varlen" if attentions and all(_attends_per_sample(m) for m in attentions) else attn
+
+
+def _attends_per_sample(module) -> bool:
+    data = getattr(swap_of(module, KERNEL), "data", None)
+    return isinstance(data, _RopeData) and data.forward() is not None and data.per_sample

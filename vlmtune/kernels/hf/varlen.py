@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from packaging.version import Version
+
+from vlmtune.data.positions import packed_attention_masks
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +50,38 @@ def _flash_varlen() -> Callable | None:
     return varlen_attn
 
 
-def _flash_keywords(scale: float | None, head_dim: int) -> dict[str, Any] | None:
-    """How this torch's ``varlen_attn`` asks for causal attention at ``scale``; ``None`` where it cannot.
+def _flash_keywords(scale: float | None, head_dim: int, causal: bool = True) -> dict[str, Any] | None:
+    """How this torch's ``varlen_attn`` asks for (non-)causal attention at ``scale``; ``None`` where it cannot.
 
     torch 2.10 takes ``is_causal`` and no scale (the default ``head_dim ** -0.5`` only); 2.11 replaced ``is_causal``
     with ``window_size`` and added ``scale``.
     """
     if _release(torch.__version__) >= (2, 11):
-        return {"window_size": (-1, 0), "scale": scale}
+        return {"window_size": (-1, 0) if causal else (-1, -1), "scale": scale}
     if scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
         return None
-    return {"is_causal": True}
+    return {"is_causal": causal}
 
 
-def reference_varlen(q, k, v, cu_seq, max_len, scale):
-    """Per-sample causal SDPA on ``(T, H, D)`` q/k/v: the contract of the flash kernel, anywhere (tests, CPU)."""
-    bounds = cu_seq.tolist()
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
+    """Per-sequence SDPA on ``(T, H, D)`` q/k/v: the contract of the flash kernel, anywhere (tests, CPU).
+
+    Sequence ``i`` is queries ``cu_q[i]:cu_q[i + 1]`` against keys ``cu_k[i]:cu_k[i + 1]``; causal attention is
+    only asked of sequences whose queries are their keys.
+    """
+    q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+    for i in range(len(q_bounds) - 1):
+        queries, keys = slice(q_bounds[i], q_bounds[i + 1]), slice(k_bounds[i], k_bounds[i + 1])
+        qi, ki, vi = q[queries].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)
         outputs.append(out.transpose(0, 1))
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else q.new_zeros(0, *q.shape[1:])
 
 
-def flash_varlen(q, k, v, cu_seq, max_len, scale):
-    return _flash_varlen()(q, k, v, cu_seq, cu_seq, max_len, max_len, **_flash_keywords(scale, q.shape[-1]))
+def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
+    keywords = _flash_keywords(scale, q.shape[-1], causal)
+    return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **keywords)
 
 
 def runs_flash(query: torch.Tensor, scale: float | None = None) -> bool:
@@ -90,6 +99,10 @@ KERNEL: Callable | None = None
 """The varlen implementation in use: ``None`` picks :func:`flash_varlen` where it runs; tests set
 :func:`reference_varlen` to run this module's path on the CPU."""
 
+IMAGE_BLOCKS = "packed_image_blocks"
+"""The keyword of a packed row's bidirectional image blocks (:func:`vlmtune.data.positions.packed_image_blocks`),
+on Gemma-3 rows built for this path."""
+
 
 @functools.cache
 def _announce(kernel: str) -> None:
@@ -98,8 +111,12 @@ def _announce(kernel: str) -> None:
 
 def varlen_attention(module, query, key, value, attention_mask, *, fallback, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function contract (``(B, H, T, D)`` in, ``((B, T, H, D), None)`` out) for a packed
-    row: per-sample causal attention from ``cu_seq_lens_q``; anything else goes to ``fallback``."""
+    row: per-sample causal attention from ``cu_seq_lens_q``, each image block of ``packed_image_blocks``
+    bidirectional; anything else goes to ``fallback`` (with the row's mask built on the device where the row
+    came without one)."""
     cu_seq, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    blocks = kwargs.pop(IMAGE_BLOCKS, None)
+    window = kwargs.get("sliding_window")
     kernel = KERNEL or (flash_varlen if runs_flash(query, scaling) else None)
     usable = (
         kernel is not None
@@ -109,18 +126,64 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
         and isinstance(max_len, int)
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2]  # no cache: keys are the row's own
-        and kwargs.get("sliding_window") is None
+        # A window as long as the longest sample leaves every sample's attention whole.
+        and (window is None or max_len <= window)
         and kwargs.get("softcap") is None
         and not (module.training and dropout)
     )
     if not usable:
+        if attention_mask is None and cu_seq is not None and (blocks is not None or window is not None):
+            attention_mask = row_mask(cu_seq, blocks, window, query.shape[2])
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _announce(getattr(kernel, "__name__", str(kernel)))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: every query head gets its key/value head
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    out = kernel(q, k, v, cu_seq.to(device=q.device, dtype=torch.int32), max_len, scaling)
+    groups = q.shape[1] // k.shape[1]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # grouped-query attention: every query head its key/value head
+        return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
+    cu = cu_seq.to(device=q.device, dtype=torch.int32)
+    out = kernel(q, heads(k), heads(v), cu, cu, max_len, max_len, scaling, True)
+    if blocks is not None and blocks["max_q"]:
+        queries, keys = blocks["queries"].to(q.device), blocks["keys"].to(q.device)
+        inside = kernel(
+            q.index_select(0, queries),
+            heads(k.index_select(0, keys)),
+            heads(v.index_select(0, keys)),
+            blocks["cu_q"].to(device=q.device, dtype=torch.int32),
+            blocks["cu_k"].to(device=q.device, dtype=torch.int32),
+            blocks["max_q"],
+            blocks["max_k"],
+            scaling,
+            False,
+        )
+        out = out.index_copy(0, queries, inside)  # image queries: their image whole, not only its past
     return out.unsqueeze(0), None
+
+
+_MASKS: list[tuple[weakref.ref, int | None, torch.Tensor]] = []
+"""The masks :func:`row_mask` built last, by the row's boundary tensor (one forward's layers share them)."""
+
+
+def row_mask(cu_seq: torch.Tensor, blocks: dict[str, Any] | None, window: int | None, total: int) -> torch.Tensor:
+    """The ``(1, 1, T, T)`` boolean SDPA mask of a packed row that came without one, built on its device: the
+    mask :func:`vlmtune.data.positions.packed_attention_masks` gives (same sample, causal or same image, within
+    ``window``). Cached for the row, so one forward builds each layer type's mask once."""
+    for ref, cached_window, mask in _MASKS:
+        if ref() is cu_seq and cached_window == window:
+            return mask
+    bounds = cu_seq.long()
+    lengths = bounds[1:] - bounds[:-1]
+    sequence_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq.device), lengths)
+    positions = torch.arange(total, device=cu_seq.device) - bounds[sequence_ids]
+    image_tokens = torch.zeros(total, dtype=torch.bool, device=cu_seq.device)
+    if blocks is not None:
+        image_tokens[blocks["queries"].to(cu_seq.device)] = True
+    kind = "full_attention" if window is None else "sliding_attention"
+    mask = packed_attention_masks(sequence_ids, positions, image_tokens, window, "sdpa")[kind]
+    _MASKS.insert(0, (weakref.ref(cu_seq), window, mask))
+    del _MASKS[4:]
+    return mask
 
 
 class AttentionFunctions:
