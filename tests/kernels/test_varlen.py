@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import set_seed
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -146,7 +147,7 @@ def test_the_proxy_keeps_the_registry_readable():
     ],
 )
 def test_the_kernel_is_asked_for_causality_as_its_torch_takes_it(version, scale, keywords, monkeypatch):
-    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(varlen, "TORCH_RELEASE", Version(version).release)
     assert varlen._flash_keywords(scale, 64) == keywords
 
 
@@ -282,3 +283,24 @@ def test_flash_image_blocks_match_the_mask_on_cuda(dim, scale):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     for grad, want_grad in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(grad, want_grad, rtol=5e-2, atol=5e-2 * want_grad.abs().max().item())
+
+
+def test_a_compiled_layer_goes_straight_to_the_configured_function(monkeypatch):
+    # Inside a trace nothing of the host-side path runs (torch 2.11's dynamo failed on its version check).
+    def unreachable(*args, **kwargs):
+        raise AssertionError("traced the varlen path")
+
+    monkeypatch.setattr(varlen, "runs_flash", unreachable)
+    monkeypatch.setattr(varlen, "row_mask", unreachable)
+    module, q, k, v = _gemma_qkv()
+    keywords = packed_row_keywords(GEMMA_LENGTHS)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def attend(q, k, v, mask):
+        return varlen.varlen_attention(module, q, k, v, mask, fallback=sdpa_attention_forward, scaling=0.3, **keywords)[
+            0
+        ]
+
+    got = attend(q, k, v, _gemma_mask())
+    want, _ = sdpa_attention_forward(module, q, k, v, _gemma_mask(), scaling=0.3)
+    torch.testing.assert_close(got, want)

@@ -36,14 +36,13 @@ GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 """The modeling modules' global that the patched attention forward reads."""
 
 
-@functools.cache
-def _release(version: str) -> tuple[int, ...]:
-    """``torch.__version__``'s release numbers, parsed once (the attention path asks at every layer)."""
-    return Version(version).release
+TORCH_RELEASE: tuple[int, ...] = Version(torch.__version__).release
+"""This torch's release numbers, read once at import: the attention path asks at every layer, and a ``Version``
+parsed inside a ``torch.compile`` trace fails there (dynamo cannot follow packaging's exception chaining)."""
 
 
 def _flash_varlen() -> Callable | None:
-    if _release(torch.__version__) < (2, 10):  # torch.nn.attention.varlen came in 2.10
+    if TORCH_RELEASE < (2, 10):  # torch.nn.attention.varlen came in 2.10
         return None
     from torch.nn.attention.varlen import varlen_attn
 
@@ -56,7 +55,7 @@ def _flash_keywords(scale: float | None, head_dim: int, causal: bool = True) -> 
     torch 2.10 takes ``is_causal`` and no scale (the default ``head_dim ** -0.5`` only); 2.11 replaced ``is_causal``
     with ``window_size`` and added ``scale``.
     """
-    if _release(torch.__version__) >= (2, 11):
+    if TORCH_RELEASE >= (2, 11):
         return {"window_size": (-1, 0) if causal else (-1, -1), "scale": scale}
     if scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
         return None
@@ -116,12 +115,14 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     came without one)."""
     cu_seq, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     blocks = kwargs.pop(IMAGE_BLOCKS, None)
+    if torch.compiler.is_compiling():
+        # Compiled, the row's max length (an int) would be specialised on: a recompile per step. Compiled layers
+        # get rows with masks (rope.packed_attention), so nothing here is traced but the configured function.
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = kwargs.get("sliding_window")
     kernel = KERNEL or (flash_varlen if runs_flash(query, scaling) else None)
     usable = (
         kernel is not None
-        # Compiled, the row's max length (an int) would be specialised on: a recompile per step. Mask path there.
-        and not torch.compiler.is_compiling()
         and cu_seq is not None
         and isinstance(max_len, int)
         and query.shape[0] == 1
@@ -132,7 +133,7 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
         and not (module.training and dropout)
     )
     if not usable:
-        if attention_mask is None and cu_seq is not None and (blocks is not None or window is not None):
+        if attention_mask is None and cu_seq is not None and blocks is not None:
             attention_mask = row_mask(cu_seq, blocks, window, query.shape[2])
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _announce(getattr(kernel, "__name__", str(kernel)))
