@@ -4,6 +4,7 @@ The CUDA mover's stream rules need a GPU; what is checked here is what moves, in
 gets exactly the tensors forward saved (gradients bit-identical to a run without offload).
 """
 
+import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -102,3 +103,16 @@ def test_parameters_and_small_tensors_stay_put():
     large = torch.randn(512)  # 2 KiB
     index = hooks.pack(large)
     assert index == 0 and torch.equal(hooks.unpack(index), large)
+
+
+@pytest.mark.gpu
+def test_the_cuda_streams_give_backward_what_forward_saved():
+    torch.manual_seed(0)
+    model, x = Stack(width=1024, layers=6).cuda(), torch.randn(512, 1024, device="cuda")  # 2 MiB layer inputs
+    plain_loss, plain = _grads(model, x)
+    hooks = AsyncOffload(model)
+    loss, offloaded = _grads(model, x, hooks)
+    assert len(hooks.saved) == 7 and all(item.host.is_pinned() for item in hooks.saved)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(a, b) for a, b in zip(offloaded, plain, strict=True))
+    assert not hooks.mover.arrivals  # every copy back was waited for

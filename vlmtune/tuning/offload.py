@@ -10,7 +10,8 @@ current layer's backward runs.
 
 The stream rules: the side stream waits for the compute stream before reading a tensor; the tensor is marked used
 by the side stream (``record_stream``) so its memory is not handed out again before the copy ends; a tensor copied
-back is marked used by the compute stream, which waits for the side stream before reading it. Parameters and
+back lives in the compute stream's memory, and the compute stream waits for that one copy (an event) before
+reading it. Parameters and
 buffers (a frozen weight that an op saved) and tensors under ``min_bytes`` stay where they are.
 """
 
@@ -34,10 +35,16 @@ class _Offloaded:
 
 
 class Mover:
-    """Copies between the GPU and pinned host memory on a side stream (the CUDA implementation)."""
+    """Copies between the GPU and pinned host memory on a side stream (the CUDA implementation).
+
+    A copy back is written into memory of the compute stream's pool (after the compute stream's earlier work,
+    which may still be using that block), and the compute stream waits for that copy alone (its event), not for
+    the side stream's later work: the next copy back, queued right after, runs beside this layer's backward.
+    """
 
     def __init__(self):
         self.stream = torch.cuda.Stream()
+        self.arrivals: dict[int, torch.cuda.Event] = {}  # id of a copy back -> its copy's end
 
     def eligible(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
@@ -51,13 +58,17 @@ class Mover:
         return host
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        copy = torch.empty(host.shape, dtype=host.dtype, device=device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
-            return host.to(device, non_blocking=True)
+            copy.copy_(host, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(self.stream)
+        self.arrivals[id(copy)] = arrived
+        return copy
 
     def ready(self, tensor: torch.Tensor) -> torch.Tensor:
-        current = torch.cuda.current_stream(tensor.device)
-        current.wait_stream(self.stream)
-        tensor.record_stream(current)
+        torch.cuda.current_stream(tensor.device).wait_event(self.arrivals.pop(id(tensor)))
         return tensor
 
 
