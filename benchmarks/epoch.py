@@ -20,9 +20,11 @@ their rate (status ``partial``).
 
 Reported per stack: epoch wall time (the training alone, after set-up and the search; vlmtune's includes its
 probe, ``probe_s``, and ``train_s`` is its training steps alone), rows/s, optimiser steps, the step size chosen,
-peak allocated memory and the mean loss of the last 10%% of steps. Every stack sees the same rows, but the losses
-compare only between runs of as many optimiser steps. The records go to ``<out>/epoch_<model>.json`` (``$OUT``
-when set), the table to stdout.
+peak allocated memory, the mean loss of the last 10%% of steps, and ``held_out_loss``: after the epoch, the loss
+per supervised token on ``--eval-rows`` other generated rows (seed :data:`EVAL_SEED`, the same rows and collator
+for every stack, padded batches in eval mode). The training losses compare only between runs of as many optimiser
+steps; the held-out loss compares what each stack's epoch taught. The records go to ``<out>/epoch_<model>.json``
+(``$OUT`` when set), the table to stdout.
 ``--tiny`` runs the tiny Qwen2.5-VL on the CPU: 8 rows, stacks ``vlmtune,hf_bf16``, no memory cap.
 """
 
@@ -44,6 +46,9 @@ PROGRESS = "@@PROGRESS "
 GIB = 2**30
 LR = 2e-4
 CPU_BATCH = 4
+EVAL_SEED = 10_000
+"""The held-out rows' seed: the epoch's parts are seeds 0 .. --render-workers - 1."""
+EVAL_BATCH = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stacks", default="vlmtune,unsloth,hf_qlora")
     parser.add_argument("--memory-cap-gib", type=float, default=24.0)
     parser.add_argument("--vision", default="frozen", choices=("frozen", "lora"), help="vision tower, every stack")
+    parser.add_argument("--eval-rows", type=int, default=64, help="held-out rows scored after the epoch (0: none)")
     parser.add_argument("--tiny", action="store_true", help="tiny Qwen2.5-VL on the CPU, 8 rows")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/vlmtune-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -65,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.model, args.rows, args.stacks, args.memory_cap_gib = "tiny-qwen", min(args.rows, 8), "vlmtune,hf_bf16", 0
+        args.eval_rows = min(args.eval_rows, 4)
     return args
 
 
@@ -97,10 +104,48 @@ def render_rows(args) -> Path:
     return folder
 
 
-def _data(args) -> Any:
+def render_eval_rows(args) -> Path | None:
+    """The held-out rows (``--eval-rows`` of seed :data:`EVAL_SEED`), rendered once per machine."""
+    if not args.eval_rows:
+        return None
+    folder = args.cache / f"latex_ocr_eval_{args.eval_rows}"
+    if not (folder / "train.parquet").exists():
+        _render_part(folder, args.eval_rows, EVAL_SEED)
+    return folder
+
+
+def _data(args, folder: Path) -> Any:
     from vlmtune.data.spec import load_rows
 
-    return load_rows("latex_ocr", split="train", path=render_rows(args))
+    return load_rows("latex_ocr", split="train", path=folder)
+
+
+def held_out(args, model, collator, device: str, keep=lambda batch: batch) -> float:
+    """:func:`held_out_loss` of the ``--eval-rows`` held-out rows."""
+    from vlmtune.data.collator import PreparedDataset
+
+    rows = _data(args, render_eval_rows(args))
+    return held_out_loss(model, collator, PreparedDataset(rows, collator), device, keep)
+
+
+def held_out_loss(model, collator, prepared, device: str, keep=lambda batch: batch) -> float:
+    """Loss per supervised token of the ``prepared`` rows (padded batches of ``collator``, eval mode, no gradients):
+    each batch's mean loss weighted by its supervised tokens, as the model's own loss counts them (labels shifted
+    by one)."""
+    import torch
+
+    from vlmtune.data.collator import IGNORE_INDEX
+
+    total = tokens = 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prepared), EVAL_BATCH):
+            batch = collator([prepared[i] for i in range(start, min(start + EVAL_BATCH, len(prepared)))])
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in keep(batch).items()}
+            total += float(model(**inputs).loss) * count
+            tokens += count
+    return total / tokens
 
 
 def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
@@ -128,7 +173,19 @@ def run_vlmtune(args, checkpoint: Path, rows, device: str) -> dict[str, Any]:
     chosen = step_size_of(result.model) or {}
     # train() runs the memory probe before the first step: its seconds are inside epoch_s (a user waits for them).
     run = {"epoch_s": wall, "losses": result.losses, "step": {"max_tokens_per_step": chosen.get("value")}}
+    run["peak_alloc_gib"] = _peak(device)  # the epoch's, before the held-out rows
+    if args.eval_rows:
+        from vlmtune.data.collator import Collator
+
+        collator = Collator(family, processor, result.model.config)
+        run["held_out_loss"] = held_out(args, result.model, collator, device)
     return run | {"probe_s": chosen.get("probe_s"), "train_s": clock.seconds()}
+
+
+def _peak(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
 
 
 def _train_clock():
@@ -212,7 +269,11 @@ def run_baseline(args, stack: str, checkpoint: Path, rows, device: str) -> dict[
             print(PROGRESS + json.dumps(progress | {"losses": losses}), flush=True)
     if cuda:
         torch.cuda.synchronize()
-    return {"epoch_s": time.perf_counter() - start, "losses": losses, "step": {"batch_size": batch_size}}
+    run = {"epoch_s": time.perf_counter() - start, "losses": losses, "step": {"batch_size": batch_size}}
+    run["peak_alloc_gib"] = _peak(device)  # the epoch's, before the held-out rows
+    if args.eval_rows:
+        run["held_out_loss"] = held_out(args, model, collator, device, keep)
+    return run
 
 
 def worker(args, stack: str) -> int:
@@ -233,7 +294,7 @@ def worker(args, stack: str) -> int:
     start = time.perf_counter()
     checkpoint = build_checkpoint(args.model, args.cache / args.model, device)
     _phase(f"checkpoint {checkpoint}", start)
-    rows = _data(args)
+    rows = _data(args, render_rows(args))
     _phase(f"{len(rows)} rows loaded", start)
     run = run_vlmtune(args, checkpoint, rows, device) if stack == "vlmtune" else None
     if run is None:
@@ -243,7 +304,6 @@ def worker(args, stack: str) -> int:
     tail = losses[-max(1, len(losses) // 10) :]
     record = {"stack": stack, "rows": len(rows), "steps": len(losses), **run}
     record.update(rows_per_s=len(rows) / run["epoch_s"], final_loss=statistics.mean(tail), device=device)
-    record["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
     print(PREFIX + json.dumps(record), flush=True)
     return 0
 
@@ -294,16 +354,18 @@ def _phase(name: str, start: float) -> None:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    lines = ["| stack | step | epoch s | rows/s | peak GiB | final loss |", "|---|---|---|---|---|---|"]
+    lines = ["| stack | step | epoch s | rows/s | peak GiB | final loss | held-out loss |", "|---" * 7 + "|"]
     for r in records:
         if "epoch_s" not in r:
-            lines.append(f"| {r['stack']} | {r.get('status')}: {r.get('reason', '')[:80]} | | | | |")
+            lines.append(f"| {r['stack']} | {r.get('status')}: {r.get('reason', '')[:80]} | | | | | |")
             continue
         peak = "-" if r["peak_alloc_gib"] is None else f"{r['peak_alloc_gib']:.2f}"
+        held_out = "-" if r.get("held_out_loss") is None else f"{r['held_out_loss']:.4f}"
         step = ", ".join(f"{k}={v}" for k, v in r["step"].items())
         name = r["stack"] + (f" (stopped after {r['rows']} rows)" if r.get("status") == "partial" else "")
         lines.append(
-            f"| {name} | {step} | {r['epoch_s']:.1f} | {r['rows_per_s']:.2f} | {peak} | {r['final_loss']:.4f} |"
+            f"| {name} | {step} | {r['epoch_s']:.1f} | {r['rows_per_s']:.2f} | {peak} | {r['final_loss']:.4f} "
+            f"| {held_out} |"
         )
     return "\n".join(lines)
 
@@ -317,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     render_rows(args)  # before any stack, so no stack's time or timeout holds the rendering
+    render_eval_rows(args)
     print(f"{args.rows} rows ready in {time.perf_counter() - start:.0f} s", flush=True)
     meta = {"model": args.model, "rows": args.rows, "memory_cap_gib": args.memory_cap_gib, "vision": args.vision}
     meta["command"] = "python -m benchmarks.epoch " + " ".join(argv)

@@ -4,8 +4,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 from benchmarks import epoch
+from vlmtune.evaluate import answer_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +36,35 @@ def test_tiny_epoch_runs_every_stack_on_the_same_rows(tmp_path, monkeypatch):
     assert results["hf_bf16"]["step"] == {"batch_size": 4} and results["hf_bf16"]["steps"] == 1
     vlmtune = results["vlmtune"]  # no probe on the CPU; its training steps are part of its epoch
     assert vlmtune["probe_s"] is None and 0 < vlmtune["train_s"] < vlmtune["epoch_s"]
+    # The same 4 held-out rows scored after each epoch: seed EVAL_SEED, none of the epoch's rows.
+    held_out = epoch._data(SimpleNamespace(), tmp_path / "cache" / "latex_ocr_eval_4")
+    trained = epoch._data(SimpleNamespace(), rendered)
+    assert len(held_out) == 4 and not {answer_of(r) for r in held_out} & {answer_of(r) for r in trained}
+    for r in results.values():
+        assert 0 < r["held_out_loss"] < 30 and r["held_out_loss"] != r["final_loss"]
+    assert "| held-out loss |" in epoch.table(list(results.values()))
+
+
+def test_the_held_out_loss_counts_every_supervised_token_once():
+    # Two batches of unequal supervised counts: the loss per token, not the mean of the batches' means.
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, labels, **kwargs):
+            self.calls.append(labels.shape[0])
+            return SimpleNamespace(loss=torch.tensor(float(len(self.calls))))  # 1.0, then 2.0
+
+    class Collate:
+        def __call__(self, items):
+            labels = torch.tensor([[-100, 5, 5, 5]] * len(items))  # 3 supervised tokens a row
+            return {"labels": labels}
+
+    model = Constant()
+    prepared = [{"index": i} for i in range(5)]  # batches of 4 rows (12 tokens) and 1 row (3 tokens)
+    loss = epoch.held_out_loss(model, Collate(), prepared, "cpu")
+    assert model.calls == [4, 1] and loss == (1.0 * 12 + 2.0 * 3) / 15
 
 
 def test_a_stopped_baseline_keeps_the_rate_of_the_rows_it_trained():
