@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -162,29 +161,23 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     return out.unsqueeze(0), None
 
 
-_MASKS: list[tuple[weakref.ref, int | None, torch.Tensor]] = []
-"""The masks :func:`row_mask` built last, by the row's boundary tensor (one forward's layers share them)."""
-
-
-def row_mask(cu_seq: torch.Tensor, blocks: dict[str, Any] | None, window: int | None, total: int) -> torch.Tensor:
+def row_mask(cu_seq: torch.Tensor, blocks: dict[str, Any], window: int | None, total: int) -> torch.Tensor:
     """The ``(1, 1, T, T)`` boolean SDPA mask of a packed row that came without one, built on its device: the
     mask :func:`vlmtune.data.positions.packed_attention_masks` gives (same sample, causal or same image, within
-    ``window``). Cached for the row, so one forward builds each layer type's mask once."""
-    for ref, cached_window, mask in _MASKS:
-        if ref() is cu_seq and cached_window == window:
-            return mask
+    ``window``). Kept in the row's ``blocks`` (under ``"masks"``, by window), so one forward's layers build each
+    mask once and it goes when the row does."""
+    masks = blocks.setdefault("masks", {})
+    if window in masks:
+        return masks[window]
     bounds = cu_seq.long()
     lengths = bounds[1:] - bounds[:-1]
     sequence_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq.device), lengths)
     positions = torch.arange(total, device=cu_seq.device) - bounds[sequence_ids]
     image_tokens = torch.zeros(total, dtype=torch.bool, device=cu_seq.device)
-    if blocks is not None:
-        image_tokens[blocks["queries"].to(cu_seq.device)] = True
+    image_tokens[blocks["queries"].to(cu_seq.device)] = True
     kind = "full_attention" if window is None else "sliding_attention"
-    mask = packed_attention_masks(sequence_ids, positions, image_tokens, window, "sdpa")[kind]
-    _MASKS.insert(0, (weakref.ref(cu_seq), window, mask))
-    del _MASKS[4:]
-    return mask
+    masks[window] = packed_attention_masks(sequence_ids, positions, image_tokens, window, "sdpa")[kind]
+    return masks[window]
 
 
 class AttentionFunctions:
