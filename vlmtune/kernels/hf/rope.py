@@ -131,4 +131,7 @@ def packed_attention(model, family, compiled: bool = False) -> str:
 
 def _attends_per_sample(module) -> bool:
     data = getattr(swap_of(module, KERNEL), "data", None)
-    return isinstance(data, _RopeData) and data.forward() is not None and data.per_sample
+    if not isinstance(data, _RopeData):
+        return False
+    data.forward()  # built on first use, which is when per_sample is decided
+    return data.per_sample
