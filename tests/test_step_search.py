@@ -83,3 +83,21 @@ def test_a_prediction_that_misses_falls_back_to_bisection():
     found = largest_fitting(curved, 10 * GIB, 300, 100_000, 128, tolerance=0.0, predict=True)
     true_largest = max(s for s in range(300, 10_000) if curved(s) <= 10 * GIB)
     assert true_largest - 128 < found.size <= true_largest
+
+
+def test_probes_on_the_measured_h200_curve():
+    # Peak reserved GiB of Qwen2.5-VL-7B QLoRA probes on an H200 (24 GiB cap, 90% usable), interpolated.
+    measured = {235: 6.40, 470: 6.42, 940: 6.56, 1880: 6.95, 3760: 7.75, 7520: 9.45, 15040: 12.85, 30080: 20.00}
+    sizes, peaks = sorted(measured), [measured[s] for s in sorted(measured)]
+
+    def curve(size: int) -> int:
+        above = next((i for i, s in enumerate(sizes) if s >= size), len(sizes) - 1)
+        a, b = max(above - 1, 0), max(above, 1)
+        share = (size - sizes[a]) / (sizes[b] - sizes[a])
+        return int((peaks[a] + share * (peaks[b] - peaks[a])) * GIB)
+
+    cap = int(21.6 * GIB)
+    found = largest_fitting(curve, cap, 235, 300_000, 235, tolerance=0.125, predict=True)
+    # Doubling twice, then every other doubling skipped: 5 probes, none past the cap.
+    assert [s for s, _ in found.probes] == [235, 470, 1880, 7520, 30080] and found.size == 30080
+    assert all(peak <= cap for _, peak in found.probes)
