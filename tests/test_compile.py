@@ -167,6 +167,28 @@ def test_compiled_layers_match_eager_without_graph_breaks(qwen):
     assert all(m._compiled_call_impl is None for m in model.modules())
 
 
+def test_torch_compile_of_a_whole_patched_model_matches_eager(qwen):
+    # What a user may do instead of TrainConfig.compile: the kernels trace as custom ops; transformers' own
+    # data-dependent checks (placeholder counts, image grids) break the graph, which dynamo handles.
+    model, family, batches = qwen
+    patch = apply_kernels(model, family, LANGUAGE_OPS)
+    try:
+        want_loss, want_grads = _loss_and_grads(model, batches[0])
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        model.zero_grad(set_to_none=True)
+        loss = compiled(**batches[0]).loss
+        loss.backward()
+        loss, grads = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        patch.revert()
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == want_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_a_family_without_layers_warns_once_and_stays_eager(qwen, caplog):
     model, family, _ = qwen
     bare = dataclasses.replace(family, layers={"language": family.layers["language"]})
