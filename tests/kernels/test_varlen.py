@@ -253,6 +253,44 @@ def test_gemma3_rows_without_masks_match_padded_samples(kernel, tiny_gemma, late
     assert calls == ([True, False] if kernel == "reference varlen" else [])
 
 
+QWEN_CASES = [
+    ("tiny_qwen", "none", "reference varlen"),
+    ("tiny_qwen", "none", "masks built on the device"),
+    ("tiny_qwen2_vl", "none", "reference varlen"),
+    ("tiny_qwen3_vl", "dense", "reference varlen"),
+]
+
+
+@pytest.mark.parametrize("fixture, mask, kernel", QWEN_CASES)
+def test_qwen_rows_for_varlen_match_padded_samples(fixture, mask, kernel, request, latex_data, monkeypatch):
+    # Qwen2-VL and Qwen2.5-VL rows built for varlen carry no mask (their text model takes a dict of none); Qwen3-VL's
+    # text model builds transformers' packed mask itself.
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return varlen.reference_varlen(*args)
+
+    monkeypatch.setattr(varlen, "KERNEL", counted if kernel == "reference varlen" else None)
+    rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
+    model, collator = tuned_model(request.getfixturevalue(fixture), "sdpa")
+    patch = apply_kernels(model, collator.family, ops=("rope",))
+    try:
+        assert packed_attention(model, collator.family) == "varlen"
+        chosen = [collator.encode(TEXT_ROW, 99), collator.encode(rows[0], 0), collator.encode(rows[1], 1)]
+        packed = PackedCollator(collator, attn_implementation="varlen").pack(chosen)
+        if mask == "none":
+            assert packed["attention_mask"] == {"full_attention": None}
+            assert packed[varlen.IMAGE_BLOCKS]["max_q"] == 0  # no bidirectional blocks
+        else:
+            assert "attention_mask" not in packed and varlen.IMAGE_BLOCKS not in packed
+        assert_packed_matches_padded(model, collator, chosen, "varlen")
+    finally:
+        patch.revert()
+    layers = model.config.get_text_config().num_hidden_layers
+    assert calls == ([True] * layers if kernel == "reference varlen" else [])  # the packed forward, per sample
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim, scale", [(256, 256**-0.5), (128, 0.1)])  # Gemma-3-4B's heads; another scale
 def test_flash_image_blocks_match_the_mask_on_cuda(dim, scale):
