@@ -224,8 +224,9 @@ def test_image_blocks_by_hand():
     assert none["queries"].numel() == 0 and none["cu_q"].tolist() == [0] and none["max_q"] == 0
 
 
-@pytest.mark.parametrize("kernel", ["reference varlen", "masks built on the device"])
-def test_gemma3_rows_without_masks_match_padded_samples(kernel, tiny_gemma, latex_data, monkeypatch):
+def _kernel_calls(kernel: str, monkeypatch) -> list[bool]:
+    """``"reference varlen"``: the reference kernel, each call's causality logged in the returned list; else no
+    kernel (the CPU's mask path)."""
     calls = []
 
     def counted(*args):
@@ -233,6 +234,12 @@ def test_gemma3_rows_without_masks_match_padded_samples(kernel, tiny_gemma, late
         return varlen.reference_varlen(*args)
 
     monkeypatch.setattr(varlen, "KERNEL", counted if kernel == "reference varlen" else None)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["reference varlen", "masks built on the device"])
+def test_gemma3_rows_without_masks_match_padded_samples(kernel, tiny_gemma, latex_data, monkeypatch):
+    calls = _kernel_calls(kernel, monkeypatch)
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     model, collator = tuned_model(tiny_gemma, "sdpa")
     assert packed_attention(model, collator.family) == "sdpa"
@@ -265,13 +272,7 @@ QWEN_CASES = [
 def test_qwen_rows_for_varlen_match_padded_samples(fixture, mask, kernel, request, latex_data, monkeypatch):
     # Qwen2-VL and Qwen2.5-VL rows built for varlen carry no mask (their text model takes a dict of none); Qwen3-VL's
     # text model builds transformers' packed mask itself.
-    calls = []
-
-    def counted(*args):
-        calls.append(args[-1])
-        return varlen.reference_varlen(*args)
-
-    monkeypatch.setattr(varlen, "KERNEL", counted if kernel == "reference varlen" else None)
+    calls = _kernel_calls(kernel, monkeypatch)
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     model, collator = tuned_model(request.getfixturevalue(fixture), "sdpa")
     patch = apply_kernels(model, collator.family, ops=("rope",))
