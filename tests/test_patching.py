@@ -130,6 +130,30 @@ def test_with_global_gives_a_copy_its_own_global_and_leaves_the_module_alone():
         with_global(_reads_global, "nothing_here", 0)
 
 
+def _rotates(x):
+    return x * 2
+
+
+def _calls_rotates(x):
+    return _rotates(x) + 1
+
+
+def test_a_with_global_copy_compiles_with_its_own_global_not_the_modules():
+    import functools
+
+    import torch
+
+    copy_ = with_global(_calls_rotates, "_rotates", functools.partial(torch.sub, other=5))
+    assert "__name__" not in copy_.__globals__  # dynamo reads a named namespace as that module
+    assert copy_.__module__ == __name__
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: copy_(x) * 3, backend="eager", fullgraph=True)
+    x = torch.ones(3)
+    torch.testing.assert_close(compiled(x), torch.full((3,), -9.0))
+    torch.testing.assert_close(compiled(x + 1), torch.full((3,), -6.0))  # the guards still hold
+    torch.testing.assert_close(_calls_rotates(x), torch.full((3,), 3.0))  # the module is untouched
+
+
 def _decorated(function):
     import functools
 

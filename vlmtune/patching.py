@@ -158,6 +158,11 @@ def with_global(function: Callable, name: str, value: Any) -> Callable:
             raise ValueError(f"{function.__qualname__} does not read the global {name!r}")
         namespace = dict(function.__globals__)
         namespace[name] = value
+        # Without its module's name, the snapshot is its own namespace to torch.compile: dynamo (torch 2.11) reads
+        # a globals dict that carries ``__name__`` as that module, and guards on the module's ``name``, which
+        # this copy does not read ("'function' object has no attribute 'args'" when compiling a patched layer).
+        # The copy keeps its ``__module__`` (set below) for pickling and repr.
+        namespace.pop("__name__", None)
         return _copy_function(function, namespace, function.__closure__)
     cells = function.__closure__ or ()
     if not any(_holds(cell, inner) for cell in cells):

@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 
     from vlmtune.data.collator import Collator, Encoded
 
-PACKED_ATTENTION = "sdpa"
-"""The attention implementation the packed rows are built for: the one ``vlmtune.load`` gives every
-configuration (Gemma-3's packed masks are boolean for SDPA, additive for eager)."""
+PACKED_ATTENTION = ("sdpa", "varlen")
+"""The attentions the packed rows are built for: ``"sdpa"``, the one ``vlmtune.load`` gives every configuration
+(Gemma-3's packed masks are boolean for SDPA), and ``"varlen"``, what vlmtune's kernels attend packed rows with
+(:func:`vlmtune.kernels.hf.rope.packed_attention`; Gemma-3's rows then carry no mask). A configuration trains on
+the rows its model asks for, as ``vlmtune.train`` builds them."""
 NO_PACKING_REASON = (
     "packing needs the real shape: the fixed shape's samples all have one length, so there is no padding to remove "
     "(run with --shape real)"
@@ -105,8 +107,9 @@ def build_steps(name: str, folder: Path, shape: str, batch: int, count: int, cac
     """The steps of one model, shape and batch size, ready for ``torch.save``.
 
     Returns:
-        ``{"batches": [...], "packed": [...] | None, "samples": [...], "images": [...]}``: per step the
-        right-padded batch, the packed row of the same samples (real shape only, else ``None``), and how many
+        ``{"batches": [...], "packed": {attention: [...]} | None, "samples": [...], "images": [...]}``: per step
+        the right-padded batch, the packed row of the same samples for each of ``PACKED_ATTENTION`` (real shape
+        only, else ``None``), and how many
         samples and images the step holds (counted on the encoded samples, so a family whose pixel tensors run
         over views or crops still counts images).
 
@@ -125,9 +128,11 @@ def build_steps(name: str, folder: Path, shape: str, batch: int, count: int, cac
     if shape == "real":
         from vlmtune.data.packing import PackedCollator
 
-        packer = PackedCollator(collator, attn_implementation=PACKED_ATTENTION)
-        packed = [packer.pack(samples) for samples in steps]
-        for step, (padded, row) in enumerate(zip(batches, packed, strict=True)):
+        packed = {
+            attn: [PackedCollator(collator, attn_implementation=attn).pack(samples) for samples in steps]
+            for attn in PACKED_ATTENTION
+        }
+        for step, (padded, row) in enumerate(zip(batches, packed["sdpa"], strict=True)):
             if row["input_ids"].numel() != int(padded["attention_mask"].sum()):
                 raise ValueError(
                     f"step {step}: the packed row has {row['input_ids'].numel()} tokens, the padded batch "
@@ -154,6 +159,6 @@ def describe(steps: dict[str, Any]) -> dict[str, Any]:
         "keys": sorted(batches[0]),
     }
     if steps["packed"] is not None:
-        out["packed_tokens_per_batch"] = [int(row["input_ids"].numel()) for row in steps["packed"]]
-        out["packed_keys"] = sorted(steps["packed"][0])
+        out["packed_tokens_per_batch"] = [int(row["input_ids"].numel()) for row in steps["packed"]["sdpa"]]
+        out["packed_keys"] = {attn: sorted(rows[0]) for attn, rows in steps["packed"].items()}
     return out

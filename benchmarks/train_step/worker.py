@@ -13,6 +13,7 @@ configurations import ``unsloth`` before this module (its patches must precede t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -59,13 +60,24 @@ class Steps:
     images: list[int]
     packed: bool
 
+    packed_rows: dict[str, list[dict[str, Any]]] | None = None
+    """A packed configuration's rows for each attention they were built for (``batches`` holds the SDPA ones)."""
+
     @classmethod
     def load(cls, path: Path, packed: bool) -> Steps:
         """Read ``batches.build_steps``' file; ``NotAvailable`` when it holds no packed rows."""
         data = torch.load(path, weights_only=True)
-        if packed and data["packed"] is None:
+        if not packed:
+            return cls(data["batches"], data["samples"], data["images"], packed)
+        if data["packed"] is None:
             raise NotAvailable(NO_PACKING_REASON)
-        return cls(data["packed"] if packed else data["batches"], data["samples"], data["images"], packed)
+        return cls(data["packed"]["sdpa"], data["samples"], data["images"], packed, data["packed"])
+
+    def attending(self, attention: str) -> Steps:
+        """The same steps as rows built for ``attention`` (``"varlen"``: no dense masks, Gemma-3's image blocks)."""
+        if self.packed_rows is None:
+            return self
+        return dataclasses.replace(self, batches=self.packed_rows[attention])
 
 
 # ------------------------------------------------------------------------------------------------ model setup
@@ -184,6 +196,10 @@ def setup_vlmtune(cfg: BenchConfig, spec: ModelSpec, checkpoint: Path, device: s
 
         compiled = compile_layers(model, adapter, cfg.compile)
         info["compiled_layers"] = {tower: len(names) for tower, names in compiled.layers.items()}
+    if cfg.packed:  # the rows vlmtune.train would build for this model (after its kernels and compilation)
+        from vlmtune.kernels.hf.rope import packed_attention
+
+        info["packed_attention"] = packed_attention(model, adapter, compiled=cfg.compile in ("language", "both"))
     return model, info
 
 
@@ -388,14 +404,15 @@ def run(
         if cfg.stack in spec.unsupported:
             raise NotAvailable(spec.unsupported[cfg.stack])
         data = Steps.load(batches_file, cfg.packed)
-        batches = data.batches
-        keys = set(batches[0]) if cfg.stack == "vlmtune" else set(batches[0]) & HF_PROCESSOR_KEYS
-        result["batch_keys"] = sorted(keys)
         load_start = time.perf_counter()
         model, info = SETUPS[cfg.stack](cfg, spec, checkpoint, device, vision)
         _sync(device)
         result["load_s"] = time.perf_counter() - load_start
         result.update(info)
+        data = data.attending(info.get("packed_attention", "sdpa"))
+        batches = data.batches
+        keys = set(batches[0]) if cfg.stack == "vlmtune" else set(batches[0]) & HF_PROCESSOR_KEYS
+        result["batch_keys"] = sorted(keys)
         result.update(_lora_counts(model))
         if device.startswith("cuda"):
             result["memory_after_load_gib"] = torch.cuda.memory_allocated() / GIB

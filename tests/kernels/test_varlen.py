@@ -151,6 +151,31 @@ def test_the_kernel_is_asked_for_causality_as_its_torch_takes_it(version, scale,
     assert varlen._flash_keywords(scale, 64) == keywords
 
 
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_grouped_heads_reach_the_kernel_as_its_torch_takes_them(takes_gqa, monkeypatch):
+    seen = {}
+
+    def with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, scale, enable_gqa=False):
+        seen.update(kv_heads=k.shape[1], enable_gqa=enable_gqa)
+        return q
+
+    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, scale):
+        seen.update(kv_heads=k.shape[1], enable_gqa=None)
+        torch.testing.assert_close(k[:, 0::3], k[:, 2::3])  # each key head repeated for its 3 query heads
+        return q
+
+    monkeypatch.setattr(varlen, "TORCH_RELEASE", (2, 12))
+    monkeypatch.setattr(varlen, "_flash_varlen", lambda: with_gqa if takes_gqa else without_gqa)
+    varlen._flash_takes_gqa.cache_clear()
+    try:
+        q, k = torch.randn(5, 6, 4), torch.randn(5, 2, 4)
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        varlen.flash_varlen(q, k, k, cu, cu, 5, 5, 0.5, True)
+    finally:
+        varlen._flash_takes_gqa.cache_clear()
+    assert seen == ({"kv_heads": 2, "enable_gqa": True} if takes_gqa else {"kv_heads": 6, "enable_gqa": None})
+
+
 # Three samples of 7, 5 and 9 tokens: an image at 2-4 in the first, none in the second, two in the third.
 GEMMA_LENGTHS = [7, 5, 9]
 GEMMA_IMAGES = torch.tensor([0, 0, 1, 1, 1, 0, 0] + [0] * 5 + [0, 1, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)

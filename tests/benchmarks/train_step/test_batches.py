@@ -20,7 +20,8 @@ def batches(monkeypatch):
 def test_packed_row_holds_the_samples_of_the_padded_batch(batches, tiny_paths, tmp_path):
     steps = batches.build_steps("unused on the real shape", tiny_paths, "real", batch=3, count=2, cache=tmp_path)
     assert steps["samples"] == [3, 3] and steps["images"] == [3, 3]
-    for padded, row in zip(steps["batches"], steps["packed"], strict=True):
+    assert set(steps["packed"]) == {"sdpa", "varlen"}
+    for padded, row in zip(steps["batches"], steps["packed"]["sdpa"], strict=True):
         lengths = padded["attention_mask"].sum(1).tolist()
         assert len(set(lengths)) > 1  # the real shape pads, so the step has something to remove
         assert row["input_ids"].shape == (1, sum(lengths))
@@ -40,4 +41,7 @@ def test_description_counts_the_packed_rows(batches, tiny_qwen, tmp_path):
     described = batches.describe(steps)
     assert described["packed_tokens_per_batch"] == described["tokens_per_batch"]
     assert described["padded_tokens_per_batch"][0] > described["tokens_per_batch"][0]
-    assert "attention_mask" not in described["packed_keys"] and described["images_per_batch"] == [2]
+    assert "attention_mask" not in described["packed_keys"]["sdpa"] and described["images_per_batch"] == [2]
+    # Qwen's rows for the varlen kernel carry a mask per layer type that is no mask (transformers builds none).
+    assert "attention_mask" in described["packed_keys"]["varlen"]
+    assert set(steps["packed"]["varlen"][0]["attention_mask"].values()) == {None}

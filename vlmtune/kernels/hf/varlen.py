@@ -20,6 +20,7 @@ run, the mask path computes the same attention.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -62,24 +63,39 @@ def _flash_keywords(scale: float | None, head_dim: int, causal: bool = True) -> 
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
-    """Per-sequence SDPA on ``(T, H, D)`` q/k/v: the contract of the flash kernel, anywhere (tests, CPU).
+    """Per-sequence SDPA on ``(T, H, D)`` q and ``(T, H_kv, D)`` k/v: the contract of the flash kernel, anywhere
+    (tests, CPU).
 
     Sequence ``i`` is queries ``cu_q[i]:cu_q[i + 1]`` against keys ``cu_k[i]:cu_k[i + 1]``; causal attention is
-    only asked of sequences whose queries are their keys.
+    only asked of sequences whose queries are their keys. ``H`` is a multiple of ``H_kv`` (grouped-query
+    attention: query head ``h`` reads key/value head ``h // (H / H_kv)``).
     """
     q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
     outputs = []
     for i in range(len(q_bounds) - 1):
         queries, keys = slice(q_bounds[i], q_bounds[i + 1]), slice(k_bounds[i], k_bounds[i + 1])
         qi, ki, vi = q[queries].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=ki.shape[0] != qi.shape[0]
+        )
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs) if outputs else q.new_zeros(0, *q.shape[1:])
 
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
     keywords = _flash_keywords(scale, q.shape[-1], causal)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and _flash_takes_gqa():
+        keywords["enable_gqa"] = True
+    elif groups > 1:  # every query head gets its own copy of its key/value head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **keywords)
+
+
+@functools.cache
+def _flash_takes_gqa() -> bool:
+    """Whether this torch's ``varlen_attn`` reads grouped key/value heads itself (``enable_gqa``, after 2.11)."""
+    return "enable_gqa" in inspect.signature(_flash_varlen()).parameters
 
 
 def runs_flash(query: torch.Tensor, scale: float | None = None) -> bool:
@@ -136,20 +152,15 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
             attention_mask = row_mask(cu_seq, blocks, window, query.shape[2])
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _announce(getattr(kernel, "__name__", str(kernel)))
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    groups = q.shape[1] // k.shape[1]
-
-    def heads(t: torch.Tensor) -> torch.Tensor:  # grouped-query attention: every query head its key/value head
-        return t.repeat_interleave(groups, dim=1) if groups > 1 else t
-
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D), k / v with their own heads
     cu = cu_seq.to(device=q.device, dtype=torch.int32)
-    out = kernel(q, heads(k), heads(v), cu, cu, max_len, max_len, scaling, True)
+    out = kernel(q, k, v, cu, cu, max_len, max_len, scaling, True)
     if blocks is not None and blocks["max_q"]:
         queries, keys = blocks["queries"].to(q.device), blocks["keys"].to(q.device)
         inside = kernel(
             q.index_select(0, queries),
-            heads(k.index_select(0, keys)),
-            heads(v.index_select(0, keys)),
+            k.index_select(0, keys),
+            v.index_select(0, keys),
             blocks["cu_q"].to(device=q.device, dtype=torch.int32),
             blocks["cu_k"].to(device=q.device, dtype=torch.int32),
             blocks["max_q"],
