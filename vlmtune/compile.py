@@ -42,7 +42,9 @@ from vlmtune.families.base import Family
 logger = logging.getLogger(__name__)
 
 # What TrainConfig.compile selects, by value. DEFAULT_COMPILE is the one place the default lives (TrainConfig's
-# None resolves to it on CUDA): "off" until the GPU measurements choose between the towers.
+# None resolves to it on CUDA): "off", measured on an H200 with Gemma-3-4B QLoRA and the kernels on, where compiling
+# the decoder layers made the step 13% slower (1.093 vs 0.948 s, an 82 s first step) and compiling the SigLIP
+# layers 9% slower (1.185 vs 1.083 s).
 COMPILE_TOWERS = {"off": (), "language": ("language",), "vision": ("vision",), "both": ("vision", "language")}
 DEFAULT_COMPILE = "off"
 # torch.library.custom_op with register_autograd and opcheck (2.4), and dynamo tracing those ops inside a
