@@ -8,7 +8,6 @@ import functools
 
 import pytest
 import torch
-from packaging.version import Version
 from transformers import set_seed
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -138,42 +137,19 @@ def test_the_proxy_keeps_the_registry_readable():
     assert "sdpa" in proxy.valid_keys()
 
 
-@pytest.mark.parametrize(
-    "version, scale, keywords",
-    [
-        ("2.11.0+cu130", 0.3, {"window_size": (-1, 0), "scale": 0.3}),
-        ("2.10.1", 64**-0.5, {"is_causal": True}),
-        ("2.10.1", 0.3, None),  # 2.10's kernel has no scale argument: the mask path serves other scales
-    ],
-)
-def test_the_kernel_is_asked_for_causality_as_its_torch_takes_it(version, scale, keywords, monkeypatch):
-    monkeypatch.setattr(varlen, "TORCH_RELEASE", Version(version).release)
-    assert varlen._flash_keywords(scale, 64) == keywords
-
-
-@pytest.mark.parametrize("takes_gqa", [True, False])
-def test_grouped_heads_reach_the_kernel_as_its_torch_takes_them(takes_gqa, monkeypatch):
-    seen = {}
-
-    def with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, scale, enable_gqa=False):
-        seen.update(kv_heads=k.shape[1], enable_gqa=enable_gqa)
-        return q
-
-    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, scale):
-        seen.update(kv_heads=k.shape[1], enable_gqa=None)
-        torch.testing.assert_close(k[:, 0::3], k[:, 2::3])  # each key head repeated for its 3 query heads
-        return q
-
-    monkeypatch.setattr(varlen, "TORCH_RELEASE", (2, 12))
-    monkeypatch.setattr(varlen, "_flash_varlen", lambda: with_gqa if takes_gqa else without_gqa)
-    varlen._flash_takes_gqa.cache_clear()
-    try:
-        q, k = torch.randn(5, 6, 4), torch.randn(5, 2, 4)
-        cu = torch.tensor([0, 5], dtype=torch.int32)
-        varlen.flash_varlen(q, k, k, cu, cu, 5, 5, 0.5, True)
-    finally:
-        varlen._flash_takes_gqa.cache_clear()
-    assert seen == ({"kv_heads": 2, "enable_gqa": True} if takes_gqa else {"kv_heads": 6, "enable_gqa": None})
+def test_the_reference_reads_grouped_heads_as_the_kernel_does():
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    got = varlen.reference_varlen(q, k, v, cu, cu, 4, 4, 0.5, True)
+    want = varlen.reference_varlen(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), cu, cu, 4, 4, 0.5, True
+    )
+    torch.testing.assert_close(got, want)
+    # Query heads 0 and 1 read key/value head 0: the second sample's head 1 as plain SDPA on head 0.
+    head = torch.nn.functional.scaled_dot_product_attention(
+        q[2:, 1][None], k[2:, 0][None], v[2:, 0][None], is_causal=True, scale=0.5
+    )
+    torch.testing.assert_close(got[2:, 1], head[0])
 
 
 # Three samples of 7, 5 and 9 tokens: an image at 2-4 in the first, none in the second, two in the third.
@@ -336,7 +312,7 @@ def test_flash_image_blocks_match_the_mask_on_cuda(dim, scale):
         key: value.cuda() if torch.is_tensor(value) else value
         for key, value in packed_image_blocks(lengths, images).items()
     }
-    assert varlen.runs_flash(q, scale)
+    assert varlen.runs_flash(q)
     got, _ = varlen.varlen_attention(
         module, q, k, v, None, fallback=None, scaling=scale, **cuda, packed_image_blocks=blocks
     )

@@ -51,8 +51,8 @@ def test_grouped_matches_the_loop(case, dtype, device, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs CUDA")
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_torch_varlen_matches_the_loop(case, device, monkeypatch):
-    monkeypatch.setattr(vision_attention, "BACKEND", "torch_varlen")
+def test_flash_varlen_matches_the_loop(case, device, monkeypatch):
+    monkeypatch.setattr(vision_attention, "BACKEND", "flash")
     _check(CASES[case], torch.bfloat16, device, 2e-2)
 
 

@@ -8,7 +8,7 @@ images on Qwen2.5-VL-7B issues about 11,000 attention kernels per step and leave
 
 :func:`varlen_attention` computes the same thing in one call per block where the hardware allows:
 
-* on CUDA in 16-bit, with torch's flash ``varlen_attn`` (``torch.nn.attention.varlen``) when this torch has it;
+* on CUDA in 16-bit, with aten's variable-length flash kernel (:mod:`vlmtune.kernels.flash`);
 * otherwise by length group: sequences of equal length are gathered into one ``(n, heads, L, head_dim)`` batch
   and run through one ``scaled_dot_product_attention`` call. A batch of same-size images, or Qwen2.5-VL's
   windows (all full-size but the ones on an image's right and bottom edges), makes a handful of groups; when
@@ -41,15 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vlmtune.kernels.flash import flash_varlen, runs_flash
 from vlmtune.kernels.ops import kernel_op
 
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
-except ImportError:  # pragma: no cover - depends on the torch build
-    _torch_varlen_attn = None
-
-# Which implementation varlen_attention picks: "auto" (torch varlen on CUDA in 16-bit, else grouped SDPA),
-# "grouped" (always grouped SDPA) or "torch_varlen". Benchmarks and GPU tests set it to compare the two.
+# Which implementation varlen_attention picks: "auto" (flash varlen on CUDA in 16-bit, else grouped SDPA),
+# "grouped" (always grouped SDPA) or "flash". Benchmarks and GPU tests set it to compare the two.
 BACKEND = "auto"
 
 
@@ -129,9 +125,9 @@ def _varlen_attention(query, key, value, cu_seqlens):
     plan = plan_sequences(cu_seqlens)
     if plan.total != query.shape[0]:
         raise ValueError(f"cu_seqlens covers {plan.total} tokens, the query has {query.shape[0]}")
-    if _use_torch_varlen(query):
+    if _use_flash(query):
         cu = cu_seqlens.to(torch.int32)
-        return _torch_varlen_attn(query, key, value, cu, cu, plan.max_len, plan.max_len)
+        return flash_varlen(query, key, value, cu, cu, plan.max_len, plan.max_len)
     return _grouped_sdpa(query, key, value, plan)
 
 
@@ -183,12 +179,15 @@ VARLEN_ATTENTION = kernel_op(
 )
 
 
-def _use_torch_varlen(query: torch.Tensor) -> bool:
+def _use_flash(query: torch.Tensor) -> bool:
     if BACKEND == "grouped":
         return False
-    available = _torch_varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-    if BACKEND == "torch_varlen" and not available:
-        raise RuntimeError("torch varlen attention needs torch >= 2.10 and CUDA tensors in float16 / bfloat16")
+    available = runs_flash(query)
+    if BACKEND == "flash" and not available:
+        raise RuntimeError(
+            "flash varlen attention needs CUDA tensors in float16 / bfloat16, a head size that is a multiple of 8"
+            " up to 256, and an sm80 or newer GPU"
+        )
     return available
 
 

@@ -4,8 +4,9 @@ A packed row of ``T`` tokens holds many samples. transformers turns its position
 mask, and SDPA with a mask runs the memory-efficient kernel over all ``T x T`` scores: the attention of a step
 grows with the square of the row, however short its samples. Measured on an H200 (Qwen2.5-VL-7B QLoRA, packed
 LaTeX-OCR rows of ~85 tokens each): a probe step took 1.8 s at 7,520 tokens and 17 s at 30,080, and training at
-28,096 ran 1,936 tokens/s. ``torch.nn.attention.varlen.varlen_attn`` computes each sample's causal attention alone
-from the row's sample boundaries, so its cost is the sum of the samples' squares: 11,300 tokens/s at 30,080.
+28,096 ran 1,936 tokens/s. Variable-length flash attention (aten's kernel behind
+``torch.nn.attention.varlen.varlen_attn``) computes each sample's causal attention alone from the row's sample
+boundaries, so its cost is the sum of the samples' squares: 11,300 tokens/s at 30,080.
 
 The boundaries travel as transformers' flash-attention keyword arguments (``cu_seq_lens_q`` / ``_k``,
 ``max_length_q`` / ``_k``). The family's ``pack`` function adds them to a packed batch on the host
@@ -20,46 +21,19 @@ run, the mask path computes the same attention.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from packaging.version import Version
 
 from vlmtune.data.positions import packed_attention_masks
+from vlmtune.kernels.flash import flash_varlen, runs_flash
 
 logger = logging.getLogger(__name__)
 
 GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 """The modeling modules' global that the patched attention forward reads."""
-
-
-TORCH_RELEASE: tuple[int, ...] = Version(torch.__version__).release
-"""This torch's release numbers, read once at import: the attention path asks at every layer, and a ``Version``
-parsed inside a ``torch.compile`` trace fails there (dynamo cannot follow packaging's exception chaining)."""
-
-
-def _flash_varlen() -> Callable | None:
-    if TORCH_RELEASE < (2, 10):  # torch.nn.attention.varlen came in 2.10
-        return None
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn
-
-
-def _flash_keywords(scale: float | None, head_dim: int, causal: bool = True) -> dict[str, Any] | None:
-    """How this torch's ``varlen_attn`` asks for (non-)causal attention at ``scale``; ``None`` where it cannot.
-
-    torch 2.10 takes ``is_causal`` and no scale (the default ``head_dim ** -0.5`` only); 2.11 replaced ``is_causal``
-    with ``window_size`` and added ``scale``.
-    """
-    if TORCH_RELEASE >= (2, 11):
-        return {"window_size": (-1, 0) if causal else (-1, -1), "scale": scale}
-    if scale is not None and abs(scale - head_dim**-0.5) > 1e-6 * scale:
-        return None
-    return {"is_causal": causal}
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
@@ -74,39 +48,12 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
     outputs = []
     for i in range(len(q_bounds) - 1):
         queries, keys = slice(q_bounds[i], q_bounds[i + 1]), slice(k_bounds[i], k_bounds[i + 1])
-        qi, ki, vi = q[queries].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=ki.shape[0] != qi.shape[0]
-        )
+        qi, ki, vi = (t.transpose(0, 1) for t in (q[queries], k[keys], v[keys]))
+        groups = qi.shape[0] // ki.shape[0]
+        ki, vi = ki.repeat_interleave(groups, dim=0), vi.repeat_interleave(groups, dim=0)
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs) if outputs else q.new_zeros(0, *q.shape[1:])
-
-
-def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal=True):
-    keywords = _flash_keywords(scale, q.shape[-1], causal)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and _flash_takes_gqa():
-        keywords["enable_gqa"] = True
-    elif groups > 1:  # every query head gets its own copy of its key/value head
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **keywords)
-
-
-@functools.cache
-def _flash_takes_gqa() -> bool:
-    """Whether this torch's ``varlen_attn`` reads grouped key/value heads itself (``enable_gqa``, after 2.11)."""
-    return "enable_gqa" in inspect.signature(_flash_varlen()).parameters
-
-
-def runs_flash(query: torch.Tensor, scale: float | None = None) -> bool:
-    """Whether the flash kernel takes these queries (the device, dtype, head size and scale it is built for)."""
-    return (
-        _flash_varlen() is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and query.shape[-1] <= 256
-        and _flash_keywords(scale, query.shape[-1]) is not None
-    )
 
 
 KERNEL: Callable | None = None
@@ -135,7 +82,7 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
         # get rows with masks (rope.packed_attention), so nothing here is traced but the configured function.
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = kwargs.get("sliding_window")
-    kernel = KERNEL or (flash_varlen if runs_flash(query, scaling) else None)
+    kernel = KERNEL or (flash_varlen if runs_flash(query) else None)
     usable = (
         kernel is not None
         and cu_seq is not None
