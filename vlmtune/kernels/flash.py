@@ -30,9 +30,11 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, causal=False):
 
 
 def runs_flash(query: torch.Tensor) -> bool:
-    """Whether the flash kernel takes these queries: CUDA, 16-bit, a head size it is built for, sm80 or newer."""
+    """Whether the flash kernel takes these queries: CUDA, 16-bit, a head size it is built for, sm80 or newer.
+    ROCm builds keep the other paths (their varlen flash support differs by build)."""
     return (
         query.is_cuda
+        and torch.version.hip is None
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-1] <= 256
         and query.shape[-1] % 8 == 0
