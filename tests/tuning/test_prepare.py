@@ -172,3 +172,30 @@ def test_vision_checkpointing_attention_keeps_the_attention_out_of_the_recomputa
 def test_vision_checkpointing_takes_only_its_modes():
     with pytest.raises(ValueError, match="vision_checkpointing must be True, False or 'attention'"):
         TuningConfig(vision_checkpointing="selective")
+
+
+def test_a_4bit_weight_keeps_its_nf4_layout_through_an_evaluation(tiny_qwen):
+    # bitsandbytes repacks a CPU weight for inference at an eval-mode call where the CPU has AVX512-BF16 (forced
+    # here, so the test means the same on every CPU), and its training path cannot use that layout.
+    from bitsandbytes.nn import Linear4bit
+
+    from vlmtune.tuning.prepare import keep_nf4_layout
+
+    model, _, family = vlmtune.load(tiny_qwen, quant="nf4", device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers
+    packed, fresh = layers[0], layers[1]
+    nf4 = packed.weight.data.clone()
+    packed.support_avx512bf16_for_cpu = True
+    packed.eval()
+    with torch.no_grad():
+        packed(torch.randn(2, packed.in_features))
+    assert packed.weight.quant_state.packing_format_for_cpu
+    fresh.support_avx512bf16_for_cpu = True
+    keep_nf4_layout(model)
+    assert not packed.weight.quant_state.packing_format_for_cpu and torch.equal(packed.weight.data, nf4)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    fresh.eval()
+    with torch.no_grad():
+        fresh(torch.randn(2, fresh.in_features))
+    assert not getattr(fresh.weight.quant_state, "packing_format_for_cpu", False)

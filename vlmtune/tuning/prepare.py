@@ -80,6 +80,29 @@ def checkpoint_keeping_attention(function, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
 
 
+def keep_nf4_layout(model: torch.nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit weight of ``model`` in NF4's own layout while it trains.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight for a faster CPU GEMM at its first
+    eval-mode call (an evaluation during training) and keeps that layout once training resumes, where its CPU
+    path fails (an in-place bias add on a tensor autograd tracks, shape checks the tiny models trip) and the
+    kernels cannot read it. The repacking is switched off, and a weight already repacked is put back.
+    """
+    try:
+        import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return
+    unpack = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if unpack is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+
+
 def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     """Wrap ``model`` with PEFT LoRA as ``config`` says; freeze everything else.
 
@@ -91,6 +114,7 @@ def apply_tuning(model: torch.nn.Module, family: Family, config: TuningConfig):
     targets = lora_target_names(model, family, config)
     to_save = full_tower_modules(family, config)
     check_targets(family, targets, to_save)
+    keep_nf4_layout(model)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
         # transformers (here) and PEFT (in get_peft_model) hook every sub-model's input embedding so that its output
