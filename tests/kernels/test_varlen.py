@@ -265,14 +265,15 @@ QWEN_CASES = [
     ("tiny_qwen", "none", "reference varlen"),
     ("tiny_qwen", "none", "masks built on the device"),
     ("tiny_qwen2_vl", "none", "reference varlen"),
-    ("tiny_qwen3_vl", "dense", "reference varlen"),
+    ("tiny_qwen3_vl", "empty", "reference varlen"),
+    ("tiny_qwen3_vl", "empty", "masks built on the device"),
 ]
 
 
 @pytest.mark.parametrize("fixture, mask, kernel", QWEN_CASES)
 def test_qwen_rows_for_varlen_match_padded_samples(fixture, mask, kernel, request, latex_data, monkeypatch):
     # Qwen2-VL and Qwen2.5-VL rows built for varlen carry no mask (their text model takes a dict of none); Qwen3-VL's
-    # text model builds transformers' packed mask itself.
+    # a 4-D mask of no size, which its text model passes through instead of building the row's (T, T) mask.
     calls = _kernel_calls(kernel, monkeypatch)
     rows = vlmtune.load_rows("latex_ocr", split="train", path=latex_data)
     model, collator = tuned_model(request.getfixturevalue(fixture), "sdpa")
@@ -283,9 +284,9 @@ def test_qwen_rows_for_varlen_match_padded_samples(fixture, mask, kernel, reques
         packed = PackedCollator(collator, attn_implementation="varlen").pack(chosen)
         if mask == "none":
             assert packed["attention_mask"] == {"full_attention": None}
-            assert packed[varlen.IMAGE_BLOCKS]["max_q"] == 0  # no bidirectional blocks
         else:
-            assert "attention_mask" not in packed and varlen.IMAGE_BLOCKS not in packed
+            assert packed["attention_mask"].shape == (1, 1, 0, 0)
+        assert packed[varlen.IMAGE_BLOCKS]["max_q"] == 0  # no bidirectional blocks
         assert_packed_matches_padded(model, collator, chosen, "varlen")
     finally:
         patch.revert()

@@ -29,6 +29,17 @@ def packed_row_keywords(lengths: list[int]) -> dict[str, Any]:
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
+def empty_mask() -> torch.Tensor:
+    """A 4-D attention mask of no size, for a packed row whose attention runs per sample from its boundaries.
+
+    transformers' ``create_causal_mask`` passes a 4-D mask through as already prepared, so a text model that
+    always calls it (Qwen3-VL's) builds no ``(T, T)`` mask for its layers to ignore (0.9 GB at 30k tokens); the
+    varlen attention (:mod:`vlmtune.kernels.hf.varlen`) reads it as no mask, and a layer it cannot take builds
+    the row's mask on the device.
+    """
+    return torch.zeros(1, 1, 0, 0, dtype=torch.bool)
+
+
 def packed_image_blocks(lengths: list[int], image_tokens: torch.Tensor) -> dict[str, Any]:
     """Each image of a packed row as one bidirectional attention block, in the varlen layout (built on the host).
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vlmtune.data.positions import packed_image_blocks, packed_row_keywords, text_positions
+from vlmtune.data.positions import empty_mask, packed_image_blocks, packed_row_keywords, text_positions
 from vlmtune.families.base import Family, ImageBatch, LoraTargets
 from vlmtune.families.qwen_vl.tiny import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
@@ -117,23 +117,29 @@ def pack_row(batch: dict, images: ImageBatch, lengths: list[int], collator, attn
     first" and hands row 0 to ``create_causal_mask``, whose ``find_packed_sequence_indices`` turns each restart
     into a new sequence (transformers >= 4.54). The sample boundaries also go under transformers' flash-attention
     names, from which the kernels' language attention runs per sample (:mod:`vlmtune.kernels.hf.varlen`); for
-    ``"varlen"`` rows Qwen2-VL and Qwen2.5-VL get a dict of no masks instead, so none is built.
+    ``"varlen"`` rows Qwen2-VL and Qwen2.5-VL get a dict of no masks instead, and Qwen3-VL a 4-D mask of no size
+    (:func:`~vlmtune.data.positions.empty_mask`), so none is built.
     """
     text = text_positions(lengths).view(1, 1, -1)
     flash = packed_row_keywords(lengths)
     row = {"position_ids": torch.cat([text, batch["position_ids"]], dim=0), "attention_mask": None, **flash}
-    if attn_implementation == "varlen" and collator.model_config.model_type in _TAKES_MASK_DICT:
+    if attn_implementation == "varlen":
         # No dense (1, 1, T, T) mask for the layers to ignore (0.9 GB at 30k tokens): the text model takes a
-        # prepared dict of masks, and a layer the varlen kernel cannot take builds the row's mask on the device
-        # from the boundaries (no image blocks: Qwen-VL's image tokens attend causally).
-        types = getattr(collator.model_config.get_text_config(), "layer_types", None) or ["full_attention"]
+        # prepared dict of masks (Qwen2-VL, Qwen2.5-VL) or passes a 4-D one through (Qwen3-VL), and a layer the
+        # varlen kernel cannot take builds the row's mask on the device from the boundaries (no image blocks:
+        # Qwen-VL's image tokens attend causally).
+        if collator.model_config.model_type in _TAKES_MASK_DICT:
+            types = getattr(collator.model_config.get_text_config(), "layer_types", None) or ["full_attention"]
+            mask = dict.fromkeys(types)
+        else:
+            mask = empty_mask()
         causal = torch.zeros(sum(lengths), dtype=torch.bool)
-        row.update(attention_mask=dict.fromkeys(types), packed_image_blocks=packed_image_blocks(lengths, causal))
+        row.update(attention_mask=mask, packed_image_blocks=packed_image_blocks(lengths, causal))
     return row
 
 
 # The model types whose text model passes a dict ``attention_mask`` through as prepared masks (transformers 5.17 to
-# 5.25); Qwen3-VL's always builds its own.
+# 5.25); Qwen3-VL's always calls create_causal_mask, which passes a 4-D mask through.
 _TAKES_MASK_DICT = ("qwen2_vl", "qwen2_5_vl")
 
 
