@@ -24,9 +24,11 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, causal=False):
     device); ``max_q`` / ``max_k`` are the longest of each. ``H`` is a multiple of ``H_kv``. ``scale`` defaults
     to ``D ** -0.5``; ``causal`` masks each query's later keys. Only where :func:`runs_flash` holds.
     """
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)[
-        0
-    ]
+    dropout, debug_mask = 0.0, False
+    out, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug_mask, scale=scale
+    )
+    return out
 
 
 def runs_flash(query: torch.Tensor) -> bool:
