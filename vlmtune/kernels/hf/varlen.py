@@ -77,7 +77,7 @@ def varlen_attention(module, query, key, value, attention_mask, *, fallback, dro
     came without one)."""
     cu_seq, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     blocks = kwargs.pop(IMAGE_BLOCKS, None)
-    if attention_mask is not None and attention_mask.numel() == 0:  # positions.empty_mask: the row has none
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.numel() == 0:  # positions.empty_mask: none
         attention_mask = None
     if torch.compiler.is_compiling():
         # Compiled, the row's max length (an int) would be specialised on: a recompile per step. Compiled layers
