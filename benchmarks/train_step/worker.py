@@ -13,7 +13,6 @@ configurations import ``unsloth`` before this module (its patches must precede t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -23,7 +22,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ class Steps:
         """The same steps as rows built for ``attention`` (``"varlen"``: no dense masks, Gemma-3's image blocks)."""
         if self.packed_rows is None:
             return self
-        return dataclasses.replace(self, batches=self.packed_rows[attention])
+        return replace(self, batches=self.packed_rows[attention])
 
 
 # ------------------------------------------------------------------------------------------------ model setup

@@ -5,9 +5,9 @@ custom ops, forward and backward, allocates a device tensor per call, and on tor
 key/value heads (a caller repeats each key/value head for its query heads). A host-bound step pays for each of
 those in every layer and again in the checkpointed recomputation. The aten op has its own autograd formula, so
 called directly a layer's attention is one C++ node forward and one backward, and the kernel reads grouped
-key/value heads in place. Its arguments have kept their form since torch 2.1 (``tests/kernels/test_flash.py``
-runs the call on meta tensors); numbers are checked against SDPA on the GPU (``tests/kernels/test_varlen.py``,
-``tests/kernels/test_vision_attention.py``).
+key/value heads in place. ``tests/kernels/test_flash.py`` runs the call on meta tensors on the installed torch
+(its form and its gradients' shapes); the numbers are checked against SDPA on the GPU
+(``tests/kernels/test_varlen.py``, ``tests/kernels/test_vision_attention.py``).
 """
 
 from __future__ import annotations
